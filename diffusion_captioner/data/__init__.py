@@ -1,0 +1,1 @@
+"""Caption datasets: the embedded ``shapes`` data and loaders for public captioning corpora."""

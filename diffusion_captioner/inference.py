@@ -1,0 +1,90 @@
+"""Captioning with trained decoders: batched generation, and loading a `compare` run's models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_captioner.images import BadImageError, load_rgb
+from registry import CaptionDecoder, ImageEncoder, build, resolve
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_captions(decoder: CaptionDecoder, features: torch.Tensor, batch_size: int = 100,
+                      **options: Any) -> tuple[list[str], float]:
+    """Captions for (N, D) ``features`` in batches; returns them and the seconds it took."""
+    decoder.eval()
+    started = time.perf_counter()
+    captions: list[str] = []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size].to(decoder.device)  # (b, D)
+        captions.extend(decoder.generate(chunk, **options))
+    return captions, time.perf_counter() - started
+
+
+@dataclass
+class LoadedRun:
+    """The encoder and best checkpoint of every decoder of a ``compare`` run folder."""
+
+    encoder: ImageEncoder
+    decoders: dict[str, CaptionDecoder]
+    generate_options: dict[str, dict[str, Any]]
+
+
+def load_run(run: str | Path, names: list[str] | None = None, device: str = "cpu") -> LoadedRun:
+    """Load ``run/config.json``'s encoder and each ``run/<name>/checkpoint/best`` decoder."""
+    run = Path(run)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run folder {run}: no config.json; is it a `dcap compare` --out?")
+    config = json.loads(config_path.read_text())
+    encoder = build("encoder", {**config["encoder"], "device": device})
+    names = names or list(config["decoders"])
+    decoders, options = {}, {}
+    for name in names:
+        if name not in config["decoders"]:
+            raise ValueError(f"run {run} has no decoder {name!r}; it has: "
+                             f"{', '.join(config['decoders'])}")
+        checkpoint = run / name / "checkpoint" / "best"
+        if not (checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"decoder {name}: no checkpoint at {checkpoint}; "
+                                    "rerun the compare command to finish training")
+        cls = resolve("decoder", config["decoders"][name]["decoder"]["type"])
+        decoders[name] = cls.from_pretrained(checkpoint).to(device).eval()
+        options[name] = config["decoders"][name].get("generate", {})
+    return LoadedRun(encoder, decoders, options)
+
+
+def caption_files(
+    loaded: LoadedRun, paths: list[str | Path], **overrides: Any
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Caption image files with every loaded decoder.
+
+    Returns ``{path: {decoder: caption}}`` for the readable images and ``{path: error}`` for the
+    others: one bad image never stops the rest.
+    """
+    pixels, kept, failures = [], [], {}
+    for path in paths:
+        try:
+            pixels.append(loaded.encoder.preprocess(load_rgb(path)))
+            kept.append(str(path))
+        except BadImageError as error:
+            failures[str(path)] = str(error)
+            logger.warning("%s", error)
+    captions: dict[str, dict[str, str]] = {p: {} for p in kept}
+    if kept:
+        features = loaded.encoder.encode_images(torch.stack(pixels))  # (N, D)
+        for name, decoder in loaded.decoders.items():
+            generated, _ = generate_captions(
+                decoder, features, **{**loaded.generate_options[name], **overrides})
+            for path, caption in zip(kept, generated, strict=True):
+                captions[path][name] = caption
+    return captions, failures

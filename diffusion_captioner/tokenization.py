@@ -1,0 +1,131 @@
+"""Tokenizers: a word-level tokenizer for small closed vocabularies, and one loader for all.
+
+The word tokenizer maps a lowercased, whitespace/punctuation-split caption to word ids with a fixed
+special-token block first::
+
+    [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4  then the words, sorted
+
+``bos`` is ``[CLS]`` and ``eos`` is ``[SEP]``. No post-processor is attached, so encoding never
+adds special tokens; decoders add the ones they need themselves (and pass
+``add_special_tokens=False`` to say so).
+
+:func:`load_tokenizer` resolves ``"embedded:NAME"`` to a tokenizer shipped in
+``diffusion_captioner/assets/NAME/`` and anything else to ``AutoTokenizer.from_pretrained``.
+``python -m diffusion_captioner.tokenization`` (re)writes the embedded ``shapes_words`` tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from registry import ComponentError
+
+logger = logging.getLogger(__name__)
+
+#: Special tokens of the word tokenizer, in id order 0..4.
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+EMBEDDED_PREFIX = "embedded:"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over ``words``: ids 0..4 are the specials, then sorted words.
+
+    Words are lowercased and deduplicated; a word that is also a special token is ignored. Text is
+    lowercased and split on whitespace and punctuation (``Whitespace`` pre-tokenizer: ``\\w+|[^\\w\\s]+``),
+    so include punctuation marks in ``words`` if captions keep them. Unknown words map to ``[UNK]``.
+    ``decode(ids, skip_special_tokens=True)`` gives the words joined by single spaces.
+    """
+    vocabulary = sorted({word.lower() for word in words if word.strip()} - set(SPECIAL_TOKENS))
+    bad = [word for word in vocabulary if len(word.split()) != 1]
+    if bad:
+        raise ValueError(f"vocabulary words must not contain whitespace: {bad[:5]}")
+    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *vocabulary))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+    )
+
+
+def embedded_tokenizer_dir(name: str) -> Path:
+    """Directory of the packaged tokenizer ``name`` (``diffusion_captioner/assets/NAME``)."""
+    return ASSETS_DIR / name
+
+
+def _is_bare_bpe_dir(path: Path) -> bool:
+    """A directory holding only GPT-2 style ``vocab.json`` + ``merges.txt`` (no tokenizer config)."""
+    return (
+        path.is_dir()
+        and (path / "vocab.json").is_file()
+        and (path / "merges.txt").is_file()
+        and not (path / "tokenizer.json").is_file()
+        and not (path / "tokenizer_config.json").is_file()
+    )
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token.
+
+    ``"embedded:NAME"`` -> the packaged ``assets/NAME`` directory; a directory with only
+    ``vocab.json`` + ``merges.txt`` -> ``GPT2TokenizerFast``; anything else (hub name or saved
+    directory) -> ``AutoTokenizer.from_pretrained``. A tokenizer without a pad token (GPT-2) gets
+    its eos token as pad; decoders must therefore mask padding by length, never by ``pad_id``.
+    """
+    name = str(name_or_path)
+    if name.startswith(EMBEDDED_PREFIX):
+        embedded = name[len(EMBEDDED_PREFIX) :]
+        directory = embedded_tokenizer_dir(embedded)
+        if not (directory / "tokenizer.json").is_file():
+            available = sorted(p.name for p in ASSETS_DIR.glob("*") if p.is_dir()) or ["(none)"]
+            raise ComponentError(
+                f"embedded tokenizer {embedded!r} not found at {directory}; available: "
+                f"{', '.join(available)} (write it with `python -m diffusion_captioner.tokenization`)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    elif _is_bare_bpe_dir(Path(name)):
+        tokenizer = GPT2TokenizerFast.from_pretrained(name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ComponentError(f"tokenizer {name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise ComponentError(f"tokenizer {name!r} has no eos token; captions need one to stop")
+    return tokenizer
+
+
+def write_embedded_tokenizer(name: str = "shapes_words") -> Path:
+    """Build the word tokenizer of the embedded shapes data set and save it to ``assets/NAME``."""
+    from diffusion_captioner.data.shapes import vocabulary  # lazy: data modules import torch/PIL
+
+    tokenizer = build_word_tokenizer(vocabulary())
+    directory = embedded_tokenizer_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    logger.info("wrote embedded tokenizer %s (%d tokens) to %s", name, len(tokenizer), directory)
+    return directory
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    write_embedded_tokenizer()

@@ -1,0 +1,312 @@
+"""One training loop for every decoder, on HF accelerate.
+
+Examples are (image feature, one reference caption) pairs, so one epoch visits every caption once.
+The order is a permutation seeded by ``seed + epoch``; a global batch of ``batch_size x processes``
+pairs is cut into one slice per process. Because order and RNG state are functions of the step,
+a run resumed from ``checkpoint/last`` takes exactly the steps an uninterrupted run would have.
+
+Layout under ``out``::
+
+    train_log.jsonl        one JSON object per logged step / validation
+    checkpoint/last/       accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+    checkpoint/best/       the decoder's save_pretrained at the lowest validation loss
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonlines
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from registry import CaptionDecoder
+
+logger = logging.getLogger(__name__)
+
+LRSchedule = Literal["constant", "linear", "cosine_with_restarts"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every decoder (AdamW)."""
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
+    num_cycles: int = 1  # cosine_with_restarts: number of hard restarts
+    epochs: float | None = None  # train for this many passes over the captions ...
+    max_steps: int | None = None  # ... or this many optimizer steps (the smaller wins)
+    max_minutes: float | None = None  # wall-clock budget on top of the step budget
+    eval_every: int = 500
+    eval_batches: int | None = 20  # validation loss over at most this many batches
+    save_every: int | None = None  # last-checkpoint cadence; default: eval_every
+    log_every: int = 25
+    grad_accum: int = 1
+    mixed_precision: MixedPrecision = "no"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    cpu: bool = False  # force CPU even when an accelerator is present
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class CaptionPairs:
+    """(feature row, caption) pairs of a split; ``batch(indices)`` collates a decoder batch."""
+
+    def __init__(self, features: torch.Tensor, captions: list[tuple[str, ...]]) -> None:
+        self.features = features  # (N, D)
+        self.pairs = [(row, c) for row, refs in enumerate(captions) for c in refs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        rows = torch.tensor([self.pairs[i][0] for i in indices])  # (B,)
+        return {"features": self.features[rows], "captions": [self.pairs[i][1] for i in indices]}
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_loss: float = math.inf
+    elapsed_seconds: float = 0.0
+    finished: bool = False
+
+
+class Trainer:
+    """Trains any :class:`CaptionDecoder` on caption pairs; resumable, logged, checkpointed."""
+
+    def __init__(
+        self,
+        decoder: CaptionDecoder,
+        train: CaptionPairs,
+        val: CaptionPairs | None,
+        config: TrainConfig,
+        out: str | Path,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            # without CUDA, multi-process launches run on CPU with gloo
+            cpu=config.cpu or not torch.cuda.is_available(),
+        )
+        set_seed(config.seed)
+        self.train_data, self.val_data = train, val
+        trainable = [p for p in decoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.total_steps = self._total_steps()
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=config.warmup_steps,
+            num_training_steps=self.total_steps,
+            scheduler_specific_kwargs={"num_cycles": config.num_cycles}
+            if config.lr_schedule == "cosine_with_restarts" else None,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(decoder, optimizer)
+        self.scheduler = scheduler
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ schedule of examples
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.accelerator.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, len(self.train_data) // self.global_batch)
+
+    def _total_steps(self) -> int:
+        limits = []
+        if self.config.max_steps is not None:
+            limits.append(self.config.max_steps)
+        if self.config.epochs is not None:
+            batches = self.config.epochs * len(self.train_data) / self.global_batch
+            limits.append(math.ceil(batches / self.config.grad_accum))
+        if not limits:
+            raise ValueError("set epochs or max_steps for training")
+        return max(1, min(limits))
+
+    def _batch_indices(self, epoch: int, batch: int) -> list[int]:
+        """This process's slice of global batch ``batch`` of ``epoch`` (a seeded permutation)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_data), generator=generator)  # (P,)
+        start = batch * self.global_batch + self.accelerator.process_index * self.config.batch_size
+        return order[start:start + self.config.batch_size].tolist()
+
+    def _next_batch(self) -> dict[str, Any]:
+        if self.state.batch_in_epoch >= self.batches_per_epoch:
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+        indices = self._batch_indices(self.state.epoch, self.state.batch_in_epoch)
+        self.state.batch_in_epoch += 1
+        batch = self.train_data.batch(indices)
+        batch["features"] = batch["features"].to(self.accelerator.device)
+        return batch
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_dir(self) -> Path:
+        return self.out / "checkpoint" / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out / "checkpoint" / "best"
+
+    def _save_last(self) -> None:
+        """accelerate state + trainer state into checkpoint/last, atomically (temp dir, rename)."""
+        partial = self.last_dir.with_name("last.partial")
+        if self.accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (partial / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+            stale = self.last_dir.with_name("last.old")
+            if self.last_dir.exists():
+                os.replace(self.last_dir, stale)
+            os.replace(partial, self.last_dir)
+            shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _save_best(self) -> None:
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(self.best_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> bool:
+        state_file = self.last_dir / "trainer_state.json"
+        if not state_file.is_file():
+            return False
+        self.accelerator.load_state(str(self.last_dir))
+        self.state = TrainerState(**json.loads(state_file.read_text()))
+        logger.info("resumed from %s at step %d", self.last_dir, self.state.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation loss over at most ``eval_batches`` fixed batches."""
+        if self.val_data is None or len(self.val_data) == 0:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        total, count = 0.0, 0
+        size = self.config.batch_size
+        limit = len(self.val_data) if self.config.eval_batches is None else min(
+            len(self.val_data), self.config.eval_batches * size)
+        for start in range(0, limit, size):
+            batch = self.val_data.batch(list(range(start, min(start + size, limit))))
+            batch["features"] = batch["features"].to(self.accelerator.device)
+            with self.accelerator.autocast():
+                total += float(model.loss(batch)["loss"]) * len(batch["captions"])
+            count += len(batch["captions"])
+        model.train()
+        return total / count
+
+    def fit(self, resume: bool = True, stop_at_step: int | None = None) -> TrainerState:
+        """Train until the step/epoch/time budget is spent; ``stop_at_step`` stops early as an
+        interruption would (checkpoint/last written), so a later ``fit`` resumes from there."""
+        cfg = self.config
+        if resume and self._resume() and self.state.finished:
+            logger.info("training already finished at step %d", self.state.step)
+            return self.state
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_every = cfg.save_every or cfg.eval_every
+        log_path = self.out / "train_log.jsonl"
+        log = jsonlines.open(log_path, mode="a") if self.accelerator.is_main_process else None
+        started = time.time() - self.state.elapsed_seconds
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step",
+                   desc=f"train {type(self.accelerator.unwrap_model(self.model)).__name__}",
+                   disable=not (self.progress and self.accelerator.is_main_process))
+        running: dict[str, float] = {}
+        running_steps = 0
+        try:
+            while self.state.step < self.total_steps:
+                for _ in range(cfg.grad_accum):
+                    with self.accelerator.accumulate(self.model):
+                        parts = self.model(self._next_batch())
+                        self.accelerator.backward(parts["loss"])
+                        if self.accelerator.sync_gradients and cfg.max_grad_norm:
+                            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    for name, value in parts.items():
+                        running[name] = running.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                running_steps += 1
+                self.scheduler.step()
+                self.state.step += 1
+                self.state.elapsed_seconds = time.time() - started
+                bar.update(1)
+                if self.state.step % cfg.log_every == 0 or self.state.step == 1:
+                    entry = {k: round(v / running_steps, 6) for k, v in running.items()}
+                    running, running_steps = {}, 0
+                    bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
+                    self._log(log, {"step": self.state.step, "epoch": self.state.epoch, **entry,
+                                    "lr": self.scheduler.get_last_lr()[0],
+                                    "elapsed_s": round(self.state.elapsed_seconds, 2)})
+                out_of_time = cfg.max_minutes is not None and \
+                    self.state.elapsed_seconds >= cfg.max_minutes * 60
+                last_step = self.state.step >= self.total_steps or out_of_time
+                if self.state.step % cfg.eval_every == 0 or last_step:
+                    self._evaluate(log)
+                if last_step:
+                    self.state.finished = True
+                    self._save_last()
+                    break
+                if self.state.step % save_every == 0 or self.state.step == stop_at_step:
+                    self._save_last()
+                if self.state.step == stop_at_step:
+                    break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if self.state.finished and not self.best_dir.exists():
+            self._save_best()
+        return self.state
+
+    def _evaluate(self, log) -> None:
+        val_loss = self.validate()
+        if val_loss is None or val_loss < self.state.best_val_loss:
+            if val_loss is not None:
+                self.state.best_val_loss = val_loss
+            self._save_best()
+        if val_loss is not None:
+            self._log(log, {"step": self.state.step, "val_loss": round(val_loss, 6),
+                            "best_val_loss": round(self.state.best_val_loss, 6),
+                            "elapsed_s": round(self.state.elapsed_seconds, 2)})
+
+    def _log(self, log, entry: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(entry)
+        logger.debug("%s", entry)

@@ -1,0 +1,110 @@
+"""Shared test helpers: tiny decoder configs, tiny tokenizers, a network guard.
+
+Import this module before anything that imports ``transformers`` (it sets ``HF_HUB_OFFLINE=1``).
+Extend :data:`TINY_DECODER_CONFIGS` with a builder for each new decoder so tests parametrised
+over every registered decoder can build a tiny one with :func:`tiny_decoder_config`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import functools
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Words of the tiny word tokenizer (every word of :data:`CAPTIONS` is in it).
+WORDS: tuple[str, ...] = (
+    "a", "the", "red", "blue", "green", "yellow", "circle", "square", "triangle", "small",
+    "big", "on", "left", "right", "of", "above", "below", "next", "to", "and", ".",
+)  # fmt: skip
+
+#: Four distinct captions of different lengths (for memorisation and padding tests).
+CAPTIONS: tuple[str, ...] = (
+    "a red circle",
+    "a big blue square left of a small triangle .",
+    "the green triangle above the circle",
+    "a small yellow square",
+)
+
+#: A GPT-2 small enough for CPU tests in seconds; dropout off so training is deterministic.
+TINY_LM_CONFIG: dict[str, Any] = {
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 32,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+def tiny_word_tokenizer_dir(tmp_path: Path, words: tuple[str, ...] = WORDS) -> Path:
+    """Save a word tokenizer over ``words`` to ``tmp_path/word_tokenizer`` and return the dir."""
+    from diffusion_captioner.tokenization import build_word_tokenizer
+
+    directory = Path(tmp_path) / "word_tokenizer"
+    if not (directory / "tokenizer.json").is_file():
+        build_word_tokenizer(words).save_pretrained(str(directory))
+    return directory
+
+
+@functools.lru_cache(maxsize=1)
+def _session_tokenizer_dir() -> Path:
+    return tiny_word_tokenizer_dir(Path(tempfile.mkdtemp(prefix="dcap-test-tokenizer-")))
+
+
+def tiny_clipcap_config(feature_dim: int, tokenizer_dir: str | Path, **overrides: Any) -> dict:
+    """Constructor arguments (no ``type``) of a tiny random-weight ClipCap decoder."""
+    config = {
+        "feature_dim": feature_dim,
+        "lm": "gpt2",
+        "lm_pretrained": False,
+        "lm_config": dict(TINY_LM_CONFIG),
+        "tokenizer": str(tokenizer_dir),
+        "prefix_length": 4,
+        "clip_length": 4,
+        "mapper": "mlp",
+        "mapper_layers": 1,
+        "max_length": 12,
+    }
+    config.update(overrides)
+    return config
+
+
+#: decoder name -> (feature_dim, tmp_path) -> constructor arguments of a tiny instance.
+TINY_DECODER_CONFIGS: dict[str, Callable[[int, Path], dict]] = {
+    "clipcap": lambda feature_dim, tmp_path: tiny_clipcap_config(
+        feature_dim, tiny_word_tokenizer_dir(tmp_path)
+    ),
+}
+
+
+def tiny_decoder_config(name: str, feature_dim: int, tmp_path: Path | None = None) -> dict:
+    """``{"type": name, ...}`` for a tiny decoder; files it needs go to ``tmp_path`` (or a
+    session-wide temporary directory)."""
+    if name not in TINY_DECODER_CONFIGS:
+        raise KeyError(f"no tiny config for decoder {name!r}; add one to tests/helpers.py")
+    directory = Path(tmp_path) if tmp_path is not None else _session_tokenizer_dir().parent
+    return {"type": name, **TINY_DECODER_CONFIGS[name](feature_dim, directory)}
+
+
+
+
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any socket connection fail loudly, so a test that would touch the network fails."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -1,0 +1,160 @@
+"""The `dcap` CLI end to end on a tiny budget, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SHAPES
+from test_registry import write_user_module
+
+from diffusion_captioner.cli import as_list, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRAIN = {"max_steps": 3, "batch_size": 8, "eval_every": 2, "eval_batches": 1, "log_every": 1,
+              "warmup_steps": 0, "max_minutes": None}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("dcap: error:")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_fire_list_normalisation():
+    assert as_list("a,b") == ["a", "b"]
+    assert as_list(("a", "b")) == ["a", "b"]
+    assert as_list("a") == ["a"]
+    assert as_list(None) == []
+
+
+def test_list_shows_every_role(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for name in ("clipcap", "open_clip", "shapes", "embedded"):
+        assert name in out
+
+
+def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys, monkeypatch,
+                                                 clean_registry):
+    """clipcap and a decoder from a temporary user module, through --include-package."""
+    write_user_module(tmp_path, "my_user_decoders", "echo_user")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    argv = ["compare", "--decoders", "clipcap,echo_user", "--include-package", "my_user_decoders",
+            "--dataset", json.dumps(TINY_SHAPES), "--encoder", f"local-dir:{tiny_clip_dir}",
+            "--cache-dir", str(tmp_path / "cache"), "--train", json.dumps(TINY_TRAIN),
+            "--out", str(out), "--quiet"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert "| clipcap |" in stdout and "| echo_user |" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["decoders"]) == {"clipcap", "echo_user"}
+    for name in ("clipcap", "echo_user"):
+        folder = out / name
+        results = json.loads((folder / "results_test.json").read_text())
+        assert len(results) == TINY_SHAPES["num_test"]
+        assert all(isinstance(r["caption"], str) for r in results)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert {"Bleu_4", "CIDEr", "METEOR", "ROUGE_L"} <= set(metrics)
+        assert (folder / "train_log.jsonl").is_file()
+        assert (folder / "checkpoint" / "best" / "config.json").is_file()
+    top = json.loads((out / "metrics.json").read_text())
+    assert set(top["decoders"]) == {"clipcap", "echo_user"}
+    assert "CIDEr" in (out / "report.md").read_text()
+    annotations = json.loads((out / "annotations_test.json").read_text())
+    assert len(annotations["images"]) == TINY_SHAPES["num_test"]
+
+    # rerunning the same command resumes: nothing is trained again
+    before = (out / "clipcap" / "train_log.jsonl").read_text()
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert (out / "clipcap" / "train_log.jsonl").read_text() == before
+
+
+def test_evaluate_command_writes_metrics(tmp_path, capsys):
+    from eval.coco_format import write_annotations, write_results
+
+    write_annotations(tmp_path / "a.json", {1: ["a red circle", "a red disk"], 2: ["a blue square"]})
+    write_results(tmp_path / "r.json", {1: "a red circle", 2: "a blue square"})
+    code, out, err = run_cli(["evaluate", "--results", str(tmp_path / "r.json"), "--annotations",
+                              str(tmp_path / "a.json"), "--out", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    assert "CIDEr" in out
+    assert json.loads((tmp_path / "m.json").read_text())["Bleu_1"] > 0.9
+
+
+def test_unknown_decoder_is_one_line_error(capsys):
+    code, _, err = run_cli(["compare", "--decoders", "no_such_decoder"], capsys)
+    assert_one_line_error(code, err, "no_such_decoder", "clipcap")
+
+
+def test_missing_annotation_file(tmp_path, capsys):
+    from eval.coco_format import write_results
+
+    write_results(tmp_path / "r.json", {1: "a cat"})
+    code, _, err = run_cli(["evaluate", "--results", str(tmp_path / "r.json"),
+                            "--annotations", str(tmp_path / "missing.json")], capsys)
+    assert_one_line_error(code, err, "missing.json")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"image_id": 1}', '[{"image_id": 1}]'])
+def test_malformed_result_json(tmp_path, capsys, content):
+    from eval.coco_format import write_annotations
+
+    write_annotations(tmp_path / "a.json", {1: ["a cat"]})
+    (tmp_path / "bad.json").write_text(content)
+    code, _, err = run_cli(["evaluate", "--results", str(tmp_path / "bad.json"),
+                            "--annotations", str(tmp_path / "a.json")], capsys)
+    assert_one_line_error(code, err, "bad.json")
+
+
+def test_result_image_absent_from_annotations(tmp_path, capsys):
+    from eval.coco_format import write_annotations, write_results
+
+    write_annotations(tmp_path / "a.json", {1: ["a cat"]})
+    write_results(tmp_path / "r.json", {1: "a cat", 777: "a dog"})
+    code, _, err = run_cli(["evaluate", "--results", str(tmp_path / "r.json"),
+                            "--annotations", str(tmp_path / "a.json")], capsys)
+    assert_one_line_error(code, err, "777")
+
+
+def test_unreadable_image_named_and_the_rest_captioned(tiny_clip_dir, tmp_path, capsys):
+    """`dcap caption` captions the good images and names the bad one, exiting non-zero."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    code, _, err = run_cli([
+        "compare", "--decoders", "clipcap", "--dataset", json.dumps(TINY_SHAPES),
+        "--encoder", f"local-dir:{tiny_clip_dir}", "--cache-dir", str(tmp_path / "cache"),
+        "--train", json.dumps({**TINY_TRAIN, "max_steps": 1}), "--out", str(run), "--quiet"],
+        capsys)
+    assert code == 0, err[-2000:]
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    code, out, err = run_cli(["caption", "--run", str(run), "--images", f"{good},{bad}"], capsys)
+    assert_one_line_error(code, err, "bad.jpg")
+    assert "good.png" in out and "clipcap" in out
+
+
+def test_real_process_exit_code_and_no_traceback():
+    completed = subprocess.run(
+        [sys.executable, "-m", "diffusion_captioner", "compare", "--decoders", "nope_decoder"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    assert "dcap: error: unknown decoder 'nope_decoder'" in completed.stderr
