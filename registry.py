@@ -83,7 +83,8 @@ class CaptionDecoder(nn.Module, Registrable):
     """A captioning decoder conditioned on one (D,) image feature per image.
 
     Built from ``feature_dim`` plus its own config keys. ``loss(batch)`` takes
-    ``{"features": (B, D) float, "captions": list[str]}`` (plus optional ``text_features``) and
+    ``{"features": (B, D) float, "captions": list[str]}`` (plus ``text_features`` (B, D) when the
+    class sets ``needs_text_features``) and
     returns a dict with the scalar ``loss`` and any named parts to log. ``generate`` maps
     (B, D) features to B captions. ``save_pretrained``/``from_pretrained`` round-trip the config
     JSON, safetensors weights and tokenizer files.
@@ -91,6 +92,8 @@ class CaptionDecoder(nn.Module, Registrable):
 
     #: Step counts the compare report sweeps (iterative decoders); empty for one-shot decoders.
     step_sweep: ClassVar[tuple[int, ...]] = ()
+    #: True when ``loss`` wants ``batch["text_features"]`` (CLIP text features of each caption).
+    needs_text_features: ClassVar[bool] = False
 
     def __init__(self) -> None:
         nn.Module.__init__(self)

@@ -26,7 +26,7 @@ from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.coco_format import write_annotations, write_results
 from eval.metrics import MetricReport, score_captions
-from registry import build, registered_name
+from registry import build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,18 @@ class Workspace:
 
 
 def prepare_features(dataset_cfg: dict, encoder_cfg: dict, cache_dir: str | Path | None,
-                     device: str = "cpu", progress: bool = True) -> Workspace:
-    """Build dataset and encoder and load (or extract once) train/val/test features."""
+                     device: str = "cpu", progress: bool = True,
+                     text_features: bool = False) -> Workspace:
+    """Build dataset and encoder and load (or extract once) train/val/test features; with
+    ``text_features`` also the CLIP text features of the train and val captions."""
     dataset = build("dataset", dataset_cfg)
     encoder = build("encoder", {**encoder_cfg, "device": device})
     cache = FeatureCache(cache_dir)
     splits = {split: cache.get(dataset, split, encoder, progress=progress)
               for split in ("train", "val", "test")}
+    if text_features:
+        for split in ("train", "val"):
+            cache.add_text_features(dataset, split, encoder, splits[split], progress=progress)
     return Workspace(dataset, encoder, splits)
 
 
@@ -67,12 +72,8 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
     train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
     torch.manual_seed(train_cfg.seed)
     decoder = build("decoder", plan["decoder"], feature_dim=work.encoder.dim)
-    trainer = Trainer(
-        decoder,
-        CaptionPairs(train.features, [r.captions for r in train.records]),
-        CaptionPairs(val.features, [r.captions for r in val.records]),
-        train_cfg, folder, progress=progress,
-    )
+    trainer = Trainer(decoder, CaptionPairs.from_split(train), CaptionPairs.from_split(val),
+                      train_cfg, folder, progress=progress)
     state = trainer.fit(resume=True)
     parameters = count_parameters(decoder)
     best = type(decoder).from_pretrained(trainer.best_dir)
@@ -137,7 +138,9 @@ def compare(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
-    work = prepare_features(dataset_cfg, encoder_cfg, cache_dir, device, progress)
+    needs_text = any(resolve("decoder", p["decoder"]["type"]).needs_text_features
+                     for p in plans.values())
+    work = prepare_features(dataset_cfg, encoder_cfg, cache_dir, device, progress, needs_text)
     test = work.splits["test"]
     write_annotations(out / "annotations_test.json",
                       {r.image_id: list(r.captions) for r in test.records})

@@ -38,6 +38,7 @@ class SplitFeatures:
     features: torch.Tensor  # (N, D)
     skipped: dict[int, str] = field(default_factory=dict)  # image id -> why it was left out
     from_cache: bool = False
+    text_features: torch.Tensor | None = None  # (M, D), one row per caption, in record order
 
     @property
     def image_ids(self) -> list[int]:
@@ -100,6 +101,37 @@ class FeatureCache:
                 return cached
         features = extract_features(dataset, records, encoder, batch_size, num_workers, progress)
         self._write(path, dataset, split, encoder, features)
+        return features
+
+    def add_text_features(
+        self,
+        dataset: CaptionDataset,
+        split: Split,
+        encoder: ImageEncoder,
+        features: SplitFeatures,
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> SplitFeatures:
+        """Attach CLIP text features of every caption of ``features.records`` (cached too)."""
+        captions = [c for r in features.records for c in r.captions]
+        path = self.path(dataset, split, encoder).with_suffix(".text.safetensors")
+        if path.is_file():
+            try:
+                cached = load_file(str(path))["text_features"]
+                if len(cached) == len(captions):
+                    features.text_features = cached
+                    return features
+            except Exception as error:  # noqa: BLE001 - a corrupt entry is recomputed
+                logger.warning("text feature cache %s unreadable (%s); encoding again", path, error)
+        chunks = []
+        for start in tqdm(range(0, len(captions), batch_size), desc=f"encode {split} captions",
+                          unit="batch", disable=not progress):
+            chunks.append(encoder.encode_texts(captions[start:start + batch_size]).cpu())  # (b, D)
+        features.text_features = torch.cat(chunks)  # (M, D)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file({"text_features": features.text_features.contiguous()}, str(partial))
+        os.replace(partial, path)
         return features
 
     def _read(self, path: Path, records: list[CaptionRecord]) -> SplitFeatures | None:

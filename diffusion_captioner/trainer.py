@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from diffusion_captioner.features import SplitFeatures
 from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
@@ -72,18 +73,32 @@ class TrainConfig:
 
 
 class CaptionPairs:
-    """(feature row, caption) pairs of a split; ``batch(indices)`` collates a decoder batch."""
+    """(feature row, caption) pairs of a split; ``batch(indices)`` collates a decoder batch:
+    ``{"features": (B, D), "captions": [str] * B}`` plus ``"text_features": (B, D)`` (the CLIP
+    text feature of each caption) when ``text_features`` (one row per caption, in order) is given.
+    """
 
-    def __init__(self, features: torch.Tensor, captions: list[tuple[str, ...]]) -> None:
+    def __init__(self, features: torch.Tensor, captions: list[tuple[str, ...]],
+                 text_features: torch.Tensor | None = None) -> None:
         self.features = features  # (N, D)
         self.pairs = [(row, c) for row, refs in enumerate(captions) for c in refs]
+        self.text_features = text_features  # (P, D) or None
+        if text_features is not None and len(text_features) != len(self.pairs):
+            raise ValueError(f"{len(text_features)} text features for {len(self.pairs)} captions")
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         rows = torch.tensor([self.pairs[i][0] for i in indices])  # (B,)
-        return {"features": self.features[rows], "captions": [self.pairs[i][1] for i in indices]}
+        batch = {"features": self.features[rows], "captions": [self.pairs[i][1] for i in indices]}
+        if self.text_features is not None:
+            batch["text_features"] = self.text_features[torch.tensor(indices)]  # (B, D)
+        return batch
+
+    @classmethod
+    def from_split(cls, split: SplitFeatures) -> CaptionPairs:
+        return cls(split.features, [r.captions for r in split.records], split.text_features)
 
 
 @dataclass
@@ -167,9 +182,11 @@ class Trainer:
             self.state.batch_in_epoch = 0
         indices = self._batch_indices(self.state.epoch, self.state.batch_in_epoch)
         self.state.batch_in_epoch += 1
-        batch = self.train_data.batch(indices)
-        batch["features"] = batch["features"].to(self.accelerator.device)
-        return batch
+        return self._to_device(self.train_data.batch(indices))
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -224,8 +241,7 @@ class Trainer:
         limit = len(self.val_data) if self.config.eval_batches is None else min(
             len(self.val_data), self.config.eval_batches * size)
         for start in range(0, limit, size):
-            batch = self.val_data.batch(list(range(start, min(start + size, limit))))
-            batch["features"] = batch["features"].to(self.accelerator.device)
+            batch = self._to_device(self.val_data.batch(list(range(start, min(start + size, limit)))))
             with self.accelerator.autocast():
                 total += float(model.loss(batch)["loss"]) * len(batch["captions"])
             count += len(batch["captions"])

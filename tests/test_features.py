@@ -17,7 +17,7 @@ class CountingEncoder:
     """Wraps a real encoder and counts how many images it encodes."""
 
     def __init__(self, encoder):
-        self.inner, self.encoded = encoder, 0
+        self.inner, self.encoded, self.texts = encoder, 0, 0
         self.dim, self.fingerprint = encoder.dim, encoder.fingerprint
 
     def preprocess(self, image):
@@ -26,6 +26,10 @@ class CountingEncoder:
     def encode_images(self, pixels):
         self.encoded += len(pixels)
         return self.inner.encode_images(pixels)
+
+    def encode_texts(self, texts):
+        self.texts += len(texts)
+        return self.inner.encode_texts(texts)
 
 
 def test_encoder_config_parses_cli_specs():
@@ -111,3 +115,28 @@ def test_unknown_open_clip_model_is_one_line_error():
     with pytest.raises(ComponentError, match="could not be loaded") as error:
         OpenClipEncoder("Not-A-Model-9000")
     assert "\n" not in str(error.value)
+
+
+def test_text_features_cached_and_batched(tiny_encoder, tmp_path):
+    from diffusion_captioner.trainer import CaptionPairs
+
+    dataset = build("dataset", TINY_SHAPES)
+    cache = FeatureCache(tmp_path)
+    split = cache.add_text_features(dataset, "val", tiny_encoder,
+                                    cache.get(dataset, "val", tiny_encoder, progress=False),
+                                    progress=False)
+    captions = [c for r in split.records for c in r.captions]
+    assert split.text_features.shape == (len(captions), tiny_encoder.dim)
+    direct = tiny_encoder.encode_texts(captions[:3])
+    assert torch.allclose(split.text_features[:3], direct, atol=1e-5)
+    pairs = CaptionPairs.from_split(split)
+    batch = pairs.batch([0, 6])
+    assert batch["captions"] == [captions[0], captions[6]]
+    assert torch.equal(batch["text_features"][1], split.text_features[6])
+    assert torch.equal(batch["features"][1], split.features[1])  # caption 6 belongs to image 1
+    counting = CountingEncoder(tiny_encoder)
+    again = FeatureCache(tmp_path).add_text_features(
+        dataset, "val", counting, cache.get(dataset, "val", tiny_encoder, progress=False),
+        progress=False)
+    assert torch.equal(again.text_features, split.text_features)
+    assert counting.texts == 0  # read back from the cache, nothing encoded
