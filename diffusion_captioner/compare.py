@@ -25,12 +25,14 @@ from diffusion_captioner.inference import generate_captions
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.coco_format import write_annotations, write_results
-from eval.metrics import MetricReport, score_captions
+from eval.metrics import ALL_METRICS, MetricReport, score_captions
+from eval.plots import plot_quality_vs_steps, step_curves
 from registry import build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
 
 REPORT_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+SWEEP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
 
 
 @dataclass
@@ -80,24 +82,26 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
     best.to(trainer.accelerator.device)
 
     references = {r.image_id: list(r.captions) for r in test.records}
-    sweep = [None] + [k for k in type(best).step_sweep]
+    default = dict(plan["generate"])
+    # the default options get every metric; the step sweep of an iterative decoder skips the
+    # slow METEOR start-up (quality vs steps is read off BLEU/ROUGE-L/CIDEr)
+    evaluations = [("default", default, ALL_METRICS)] + [
+        (str(k), {**default, "steps": k}, SWEEP_METRICS)
+        for k in type(best).step_sweep if k != default.get("steps")]
     runs: dict[str, Any] = {}
-    for steps in sweep:
-        options = dict(plan["generate"])
-        if steps is not None:
-            options["steps"] = steps
-        tag = "" if steps is None else f"_k{steps}"
+    for key, options, metric_names in evaluations:
         captions, seconds = generate_captions(best, test.features, **options)
         results = dict(zip(test.image_ids, captions, strict=True))
-        write_results(folder / f"results_test{tag}.json", results)
-        report: MetricReport = score_captions(results, references)
-        runs[str(steps) if steps is not None else "default"] = {
+        write_results(folder / ("results_test.json" if key == "default"
+                                else f"results_test_k{key}.json"), results)
+        report: MetricReport = score_captions(results, references, metrics=metric_names)
+        if key == "default":
+            report.write(folder / "metrics.json")
+        runs[key] = {
             "options": options, "scores": report.scores, "skipped": report.skipped,
             "generate_seconds": round(seconds, 3),
             "ms_per_image": round(1000 * seconds / len(captions), 3),
         }
-        if steps is None:
-            report.write(folder / "metrics.json")
     summary = {
         "decoder": plan["decoder"], "registered_as": registered_name(type(best)),
         "train": plan["train"], "generate": plan["generate"],
@@ -152,6 +156,7 @@ def compare(
         "decoders": summaries,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plot_quality_vs_steps(metrics["decoders"], out / "quality_vs_steps.png")
     (out / "report.md").write_text(render_report(config, metrics))
     return metrics
 
@@ -174,17 +179,30 @@ def render_report(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     ]
     skipped: dict[str, str] = {}
     for name, summary in metrics["decoders"].items():
-        for key, run in summary["test"].items():
-            skipped.update(run["skipped"])
-            scores = [_format(run["scores"].get(m, "skipped")) for m in REPORT_METRICS]
-            steps = run["options"].get("steps", "default" if key == "default" else key)
-            params = summary["parameters"]
-            label = name if key == "default" else f"{name} (K={key})"
-            lines.append(
-                f"| {label} | " + " | ".join(scores) + f" | {steps} | {run['ms_per_image']:.2f} | "
-                f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
-                f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
+        run = summary["test"]["default"]
+        skipped.update(run["skipped"])
+        scores = [_format(run["scores"].get(m, "skipped" if m in run["skipped"] else "-"))
+                  for m in REPORT_METRICS]
+        params = summary["parameters"]
+        lines.append(
+            f"| {name} | " + " | ".join(scores) + f" | {run['options'].get('steps', '-')} | "
+            f"{run['ms_per_image']:.2f} | "
+            f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
+            f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
     lines.append("")
+    curves = step_curves(metrics["decoders"], "CIDEr")
+    if curves:
+        lines += ["## Quality vs inference steps", "",
+                  "| decoder | K | CIDEr | Bleu_4 | ms/image (batch 100) |", "|---|---|---|---|---|"]
+        for name in curves:
+            runs = sorted(metrics["decoders"][name]["test"].values(),
+                          key=lambda r: r["options"]["steps"])
+            for run in runs:
+                lines.append(f"| {name} | {run['options']['steps']} | "
+                             f"{_format(run['scores']['CIDEr'])} | "
+                             f"{_format(run['scores'].get('Bleu_4', '-'))} | "
+                             f"{run['ms_per_image']:.2f} |")
+        lines += ["", "![quality vs steps](quality_vs_steps.png)", ""]
     for metric, reason in sorted(skipped.items()):
         lines.append(f"- {metric} skipped: {reason}")
     skipped_images = {k: v for k, v in metrics["skipped_images"].items() if v}
