@@ -3,6 +3,7 @@
     dcap compare [--decoders clipcap,diffusion] [--out runs/NAME] [--preset embedded]
     dcap evaluate --results R.json --annotations A.json [--out M.json]
     dcap extract [--dataset shapes] [--encoder ViT-B-32:openai]
+    dcap bench --run runs/NAME
     dcap caption --run runs/NAME --images a.jpg,b.png
     dcap list
     dcap pretrain-clip [--out DIR] [--steps N]
@@ -135,6 +136,24 @@ class Commands:
         print((out_dir / "report.md").read_text())
         print(f"run folder: {out_dir}")
         del metrics
+
+    def bench(self, run: str, device: str = "cpu", repeats: int = 5,
+              include_package: Any = None) -> None:
+        """Time every decoder of a `compare` run side by side (batch 1..64, every step count)."""
+        from diffusion_captioner.analysis import bench_run
+
+        _include(include_package)
+        speed = bench_run(run, device=device, repeats=repeats)
+        print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}")
+        print(f"{'decoder':<12} {'options':<16} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
+        for name, rows in speed["decoders"].items():
+            for row in rows:
+                options = ",".join(f"{k}={v}" for k, v in row["options"].items()) or "default"
+                print(f"{name:<12} {options:<16} {row['batch']:>5} {row['ms_per_caption']:>11.2f} "
+                      f"{row['captions_per_second']:>11.1f}")
+        for name, batch in speed["crossover"].items():
+            print(f"throughput crossover {name} vs first decoder: {batch or 'none'}")
+        print(f"written to {Path(run) / 'speed.json'}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None) -> None:
         """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap)."""

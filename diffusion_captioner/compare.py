@@ -2,9 +2,11 @@
 
 Steps: encode each split once (feature cache) -> for each decoder: train (resumable) ->
 generate on the test split (at every step count it sweeps) -> COCO result JSON ->
-pycocoevalcap -> ``metrics.json``; then the side-by-side ``report.md`` and ``metrics.json``.
-Each phase is skipped when its output already exists, so rerunning with the same ``--out``
-resumes an interrupted run.
+pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json``; then, for all
+decoders together: paired bootstrap against the first decoder, speed side by side in one
+process, example captions, plots, ``report.md``/``report.html`` and the top-level ``metrics.json``.
+A decoder whose ``summary.json`` exists is not trained or scored again, so rerunning with the same
+``--out`` resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -17,21 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonlines
 import torch
 
-from diffusion_captioner.encoders import encoder_config
+from diffusion_captioner import analysis
+from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
-from diffusion_captioner.inference import generate_captions
+from diffusion_captioner.inference import generate_captions, load_run
 from diffusion_captioner.presets import decoder_plan, load_preset
+from diffusion_captioner.report import render_html, render_markdown
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
+from eval.caption_stats import caption_statistics
+from eval.clipscore import score_with_encoder
 from eval.coco_format import write_annotations, write_results
-from eval.metrics import ALL_METRICS, MetricReport, score_captions
-from eval.plots import plot_quality_vs_steps, step_curves
+from eval.metrics import ALL_METRICS, find_java, score_captions
+from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
 from registry import build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
 
-REPORT_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+#: The step sweep of an iterative decoder skips METEOR's slow Java start-up: quality vs steps is
+#: read off BLEU / ROUGE-L / CIDEr; the default options get every metric.
 SWEEP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
 
 
@@ -65,10 +73,19 @@ def count_parameters(decoder: torch.nn.Module) -> dict[str, int]:
             "trainable": sum(p.numel() for p in decoder.parameters() if p.requires_grad)}
 
 
+def clipscore_prompt(encoder_cfg: dict[str, Any]) -> str:
+    """Hessel et al.'s "A photo depicts " for real CLIP models; the embedded shapes CLIP was
+    trained on bare captions (and has no such words), so none for it."""
+    return "" if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX) else "A photo depicts "
+
+
 def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
-                progress: bool = True) -> dict[str, Any]:
+                clip_prompt: str = "", progress: bool = True) -> dict[str, Any]:
     """Train, generate and score one decoder into ``out/<name>``; returns its summary."""
     folder = out / name
+    if (folder / "summary.json").is_file():
+        logger.info("%s: already trained and scored (%s)", name, folder / "summary.json")
+        return json.loads((folder / "summary.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig.from_dict(plan["train"])
     train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
@@ -78,30 +95,31 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
                       train_cfg, folder, progress=progress)
     state = trainer.fit(resume=True)
     parameters = count_parameters(decoder)
-    best = type(decoder).from_pretrained(trainer.best_dir)
-    best.to(trainer.accelerator.device)
+    best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
 
     references = {r.image_id: list(r.captions) for r in test.records}
     default = dict(plan["generate"])
-    # the default options get every metric; the step sweep of an iterative decoder skips the
-    # slow METEOR start-up (quality vs steps is read off BLEU/ROUGE-L/CIDEr)
     evaluations = [("default", default, ALL_METRICS)] + [
         (str(k), {**default, "steps": k}, SWEEP_METRICS)
         for k in type(best).step_sweep if k != default.get("steps")]
     runs: dict[str, Any] = {}
+    default_results: dict[int, str] = {}
     for key, options, metric_names in evaluations:
         captions, seconds = generate_captions(best, test.features, **options)
         results = dict(zip(test.image_ids, captions, strict=True))
         write_results(folder / ("results_test.json" if key == "default"
                                 else f"results_test_k{key}.json"), results)
-        report: MetricReport = score_captions(results, references, metrics=metric_names)
+        report = score_captions(results, references, metrics=metric_names)
         if key == "default":
             report.write(folder / "metrics.json")
-        runs[key] = {
-            "options": options, "scores": report.scores, "skipped": report.skipped,
-            "generate_seconds": round(seconds, 3),
-            "ms_per_image": round(1000 * seconds / len(captions), 3),
-        }
+            default_results = results
+        runs[key] = {"options": options, "scores": report.scores, "skipped": report.skipped,
+                     "generate_seconds": round(seconds, 3),
+                     "ms_per_image": round(1000 * seconds / len(captions), 3)}
+
+    clip = score_with_encoder(work.encoder, test.features, test.image_ids, default_results,
+                              references, prompt=clip_prompt)
+    (folder / "clipscore.json").write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
     summary = {
         "decoder": plan["decoder"], "registered_as": registered_name(type(best)),
         "train": plan["train"], "generate": plan["generate"],
@@ -109,8 +127,11 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
         "train_steps": state.step, "train_seconds": round(state.elapsed_seconds, 1),
         "best_val_loss": state.best_val_loss,
         "test": runs,
+        "clip_scores": {k: v for k, v in clip.items() if k != "per_image"},
+        "caption_stats": caption_statistics(
+            list(default_results.values()), (c for r in train.records for c in r.captions)),
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -124,8 +145,10 @@ def compare(
     train_overrides: dict[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    bench_repeats: int = 5,
 ) -> dict[str, Any]:
     """Run every decoder on the same features and split; write the run folder and report."""
+    find_java()  # METEOR and the PTB tokenizer need it: fail now, not after training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = load_preset(preset)
@@ -148,67 +171,34 @@ def compare(
     test = work.splits["test"]
     write_annotations(out / "annotations_test.json",
                       {r.image_id: list(r.captions) for r in test.records})
-    summaries = {name: run_decoder(name, plans[name], work, out, progress) for name in plans}
-    metrics = {
+    prompt = clipscore_prompt(encoder_cfg)
+    summaries = {name: run_decoder(name, plans[name], work, out, prompt, progress)
+                 for name in plans}
+
+    names = list(summaries)
+    loaded = load_run(out, names, device=device)
+    metrics: dict[str, Any] = {
         "dataset": dataset_cfg, "encoder": {**encoder_cfg, "fingerprint": work.encoder.fingerprint},
         "test_images": len(test.records),
         "skipped_images": {s: len(f.skipped) for s, f in work.splits.items()},
         "decoders": summaries,
+        "significance": analysis.significance(out, names),
+        "speed": analysis.bench_decoders(loaded.decoders, loaded.generate_options, test.features,
+                                         device, repeats=bench_repeats),
+        "examples": analysis.examples(out, work.dataset, test, names, loaded.decoders,
+                                      loaded.generate_options),
     }
+    (out / "speed.json").write_text(json.dumps(metrics["speed"], indent=2))
+    logs = {}
+    for name in names:
+        with jsonlines.open(out / name / "train_log.jsonl") as log:
+            logs[name] = list(log)
+    written = [plot_quality_vs_steps(summaries, out / "quality_vs_steps.png"),
+               plot_latency_vs_batch(metrics["speed"], out / "latency_vs_batch.png"),
+               plot_training_curves(logs, out / "training_curves.png")]
+    metrics["plots"] = [p.name for p in written if p is not None]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plot_quality_vs_steps(metrics["decoders"], out / "quality_vs_steps.png")
-    (out / "report.md").write_text(render_report(config, metrics))
+    markdown = render_markdown(config, metrics)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(render_html(markdown, out))
     return metrics
-
-
-def _format(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def render_report(config: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The side-by-side markdown table of the run."""
-    lines = [
-        "# Captioning decoders, side by side", "",
-        f"Command: `{config['command']}`", "",
-        f"Data: `{json.dumps(config['dataset'])}`, test split of {metrics['test_images']} images; "
-        f"encoder `{metrics['encoder'].get('model')}` (fingerprint `{metrics['encoder']['fingerprint']}`); "
-        "the same cached features, split and pycocoevalcap metric code for every decoder.", "",
-        "| decoder | " + " | ".join(REPORT_METRICS) +
-        " | steps | ms/image (batch 100) | params (trainable) | train steps | train time |",
-        "|---" * (len(REPORT_METRICS) + 6) + "|",
-    ]
-    skipped: dict[str, str] = {}
-    for name, summary in metrics["decoders"].items():
-        run = summary["test"]["default"]
-        skipped.update(run["skipped"])
-        scores = [_format(run["scores"].get(m, "skipped" if m in run["skipped"] else "-"))
-                  for m in REPORT_METRICS]
-        params = summary["parameters"]
-        lines.append(
-            f"| {name} | " + " | ".join(scores) + f" | {run['options'].get('steps', '-')} | "
-            f"{run['ms_per_image']:.2f} | "
-            f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
-            f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
-    lines.append("")
-    curves = step_curves(metrics["decoders"], "CIDEr")
-    if curves:
-        lines += ["## Quality vs inference steps", "",
-                  "| decoder | K | CIDEr | Bleu_4 | ms/image (batch 100) |", "|---|---|---|---|---|"]
-        for name in curves:
-            runs = sorted(metrics["decoders"][name]["test"].values(),
-                          key=lambda r: r["options"]["steps"])
-            for run in runs:
-                lines.append(f"| {name} | {run['options']['steps']} | "
-                             f"{_format(run['scores']['CIDEr'])} | "
-                             f"{_format(run['scores'].get('Bleu_4', '-'))} | "
-                             f"{run['ms_per_image']:.2f} |")
-        lines += ["", "![quality vs steps](quality_vs_steps.png)", ""]
-    for metric, reason in sorted(skipped.items()):
-        lines.append(f"- {metric} skipped: {reason}")
-    skipped_images = {k: v for k, v in metrics["skipped_images"].items() if v}
-    if skipped_images:
-        lines.append(f"- unreadable images skipped: {skipped_images}")
-    lines.append("")
-    lines.append("Per decoder: `<decoder>/results_test*.json` (COCO result format), "
-                 "`<decoder>/metrics.json`, `<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`.")
-    return "\n".join(lines) + "\n"

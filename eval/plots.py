@@ -46,3 +46,58 @@ def plot_quality_vs_steps(decoders: dict[str, Any], out: str | Path, metric: str
     figure.savefig(out, dpi=120)
     plt.close(figure)
     return out
+
+
+def plot_latency_vs_batch(speed: dict[str, Any], out: str | Path) -> Path | None:
+    """Milliseconds per caption vs batch size, one line per decoder and step count (log-log)."""
+    if not speed.get("decoders"):
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in speed["decoders"].items():
+        groups: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            steps = row["options"].get("steps")
+            label = name if steps is None else f"{name} K={steps}"
+            groups.setdefault(label, []).append((row["batch"], row["ms_per_caption"]))
+        for label, points in groups.items():
+            points.sort()
+            axis.plot([b for b, _ in points], [ms for _, ms in points], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("batch size")
+    axis.set_ylabel("ms per caption (median)")
+    axis.set_title(f"Latency vs batch size ({speed['device']}, {speed['threads']} thread(s))")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path) -> Path | None:
+    """Training loss (solid) and validation loss (dashed) vs step for every decoder's jsonl log."""
+    if not any(logs.values()):
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for index, (name, rows) in enumerate(logs.items()):
+        color = f"C{index}"
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            axis.plot(*zip(*train, strict=True), color=color, label=f"{name} train")
+        if val:
+            axis.plot(*zip(*val, strict=True), color=color, linestyle="--", marker=".",
+                      label=f"{name} val")
+    axis.set_yscale("log")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (each decoder's own)")
+    axis.set_title("Training curves")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,14 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
         assert (folder / "checkpoint" / "best" / "config.json").is_file()
     top = json.loads((out / "metrics.json").read_text())
     assert set(top["decoders"]) == {"clipcap", "echo_user"}
-    assert "CIDEr" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "CIDEr" in report and "**echo_user** vs **clipcap**" in report
+    for linked in re.findall(r"\]\(([^)]+\.png)\)", report):
+        assert (out / linked).is_file(), linked
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3
+    speed = json.loads((out / "speed.json").read_text())
+    assert {row["batch"] for row in speed["decoders"]["clipcap"]} == {1, 4, 16, 64}
+    assert "CLIPScore" in json.loads((out / "clipcap" / "clipscore.json").read_text())
     annotations = json.loads((out / "annotations_test.json").read_text())
     assert len(annotations["images"]) == TINY_SHAPES["num_test"]
 
@@ -149,6 +157,9 @@ def test_unreadable_image_named_and_the_rest_captioned(tiny_clip_dir, tmp_path, 
     code, out, err = run_cli(["caption", "--run", str(run), "--images", f"{good},{bad}"], capsys)
     assert_one_line_error(code, err, "bad.jpg")
     assert "good.png" in out and "clipcap" in out
+    code, out, err = run_cli(["bench", "--run", str(run), "--repeats", "1"], capsys)
+    assert code == 0, err[-2000:]
+    assert "ms/caption" in out and (run / "speed.json").is_file()
 
 
 def test_real_process_exit_code_and_no_traceback():
@@ -158,3 +169,20 @@ def test_real_process_exit_code_and_no_traceback():
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
     assert "dcap: error: unknown decoder 'nope_decoder'" in completed.stderr
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_missing_java_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, command):
+    from eval.coco_format import write_annotations, write_results
+
+    write_annotations(tmp_path / "a.json", {1: ["a cat"]})
+    write_results(tmp_path / "r.json", {1: "a cat"})
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    argv = (["evaluate", "--results", str(tmp_path / "r.json"), "--annotations",
+             str(tmp_path / "a.json")] if command == "evaluate" else
+            ["compare", "--decoders", "clipcap", "--out", str(tmp_path / "run")])
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "Java")
+    assert not (tmp_path / "run" / "clipcap").exists()  # nothing trained half way

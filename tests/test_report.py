@@ -1,9 +1,11 @@
-"""The compare report: side-by-side table, the quality-vs-steps table and plot."""
+"""The compare report: headline with significance, tables, plots, examples, HTML with images."""
 
 from __future__ import annotations
 
-from diffusion_captioner.compare import render_report
-from eval.plots import plot_quality_vs_steps
+import re
+
+from diffusion_captioner.report import render_html, render_markdown
+from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
 
 
 def summary(scores_by_steps: dict, default_steps=None) -> dict:
@@ -14,22 +16,72 @@ def summary(scores_by_steps: dict, default_steps=None) -> dict:
         test[key] = {"options": options, "scores": {"CIDEr": cider, "Bleu_4": cider / 5},
                      "skipped": {"SPICE": "no CoreNLP"}, "ms_per_image": 1.5}
     return {"parameters": {"total": 2_000_000, "trainable": 1_000_000}, "train_steps": 10,
-            "train_seconds": 12.0, "test": test}
+            "train_seconds": 12.0, "test": test, "clip_scores": {"CLIPScore": 0.71},
+            "caption_stats": {"repeated_word_rate": 0.1, "repeated_token_rate": 0.02,
+                              "mean_length": 7.0, "vocabulary": 30, "empty_rate": 0.0,
+                              "copied_from_train": 0.5}}
 
 
-def test_report_lists_every_decoder_and_the_step_sweep(tmp_path):
-    decoders = {
-        "clipcap": summary({None: 3.1}),
-        "iterative": summary({1: 1.0, 2: 2.0, 5: 2.8, 10: 2.9}, default_steps=5),
+def speed_rows(ms_at_1: float, steps=None) -> list[dict]:
+    options = {} if steps is None else {"steps": steps}
+    return [{"options": options, "batch": b, "seconds": ms_at_1 * b / 1000 / (b ** 0.5),
+             "ms_per_caption": ms_at_1 / (b ** 0.5), "captions_per_second": 1000 * b ** 0.5 / ms_at_1}
+            for b in (1, 4, 16, 64)]
+
+
+def run_metrics() -> dict:
+    decoders = {"clipcap": summary({None: 3.1}),
+                "iterative": summary({1: 1.0, 2: 2.0, 5: 2.8, 10: 2.9}, default_steps=5)}
+    return {
+        "test_images": 4, "encoder": {"model": "m", "fingerprint": "f"},
+        "skipped_images": {"train": 0}, "decoders": decoders,
+        "significance": {"iterative": {"CIDEr": {"difference": -0.3, "low": -0.5, "high": -0.1,
+                                                 "significant": True, "images": 4},
+                                       "Bleu_4": {"difference": -0.06, "low": -0.1, "high": 0.01,
+                                                  "significant": False, "images": 4}}},
+        "speed": {"threads": 1, "device": "cpu", "repeats": 3, "crossover": {"iterative": 16},
+                  "decoders": {"clipcap": speed_rows(10.0),
+                               "iterative": speed_rows(4.0, 5) + speed_rows(1.0, 1)}},
+        "examples": [{"image_id": 7, "image": "examples/7.png", "references": ["a red circle"],
+                      "captions": {"clipcap": "a red circle", "iterative": "a red red circle"},
+                      "trajectories": {"iterative": ["a a", "a red circle"]}}],
+        "plots": ["quality_vs_steps.png"],
     }
-    metrics = {"test_images": 4, "encoder": {"model": "m", "fingerprint": "f"},
-               "skipped_images": {"train": 0}, "decoders": decoders}
+
+
+def test_markdown_report_answers_the_questions(tmp_path):
+    metrics = run_metrics()
     config = {"command": "dcap compare", "dataset": {"type": "shapes"}}
-    report = render_report(config, metrics)
+    report = render_markdown(config, metrics)
+    assert "**iterative** vs **clipcap**: CIDEr -0.300" in report and "significant" in report
+    assert "batch-1 latency 4.0 ms vs 10.0 ms (0.40x)" in report
     assert "| clipcap |" in report and "| iterative |" in report
     assert "| iterative | 10 | 2.900 |" in report
     assert "SPICE skipped: no CoreNLP" in report
-    png = plot_quality_vs_steps(decoders, tmp_path / "quality_vs_steps.png")
-    assert png is not None and png.stat().st_size > 1000
-    assert "quality_vs_steps.png" in report
-    assert plot_quality_vs_steps({"clipcap": decoders["clipcap"]}, tmp_path / "none.png") is None
+    assert "the faster one changes at batch 16" in report
+    assert "1. a a" in report and "2. a red circle" in report
+    assert "repeated" in report and "10.0%" in report
+    linked = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert "quality_vs_steps.png" in linked and "examples/7.png" in linked
+
+
+def test_html_report_inlines_existing_images(tmp_path):
+    metrics = run_metrics()
+    (tmp_path / "examples").mkdir()
+    plot_quality_vs_steps(metrics["decoders"], tmp_path / "quality_vs_steps.png")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "examples" / "7.png")
+    page = render_html(render_markdown({"command": "c", "dataset": {}}, metrics), tmp_path)
+    assert page.count("data:image/png;base64,") == 2
+    assert "<table>" in page and "<b>iterative</b>" in page
+
+
+def test_plots_are_written(tmp_path):
+    metrics = run_metrics()
+    assert plot_quality_vs_steps(metrics["decoders"], tmp_path / "q.png").stat().st_size > 1000
+    assert plot_latency_vs_batch(metrics["speed"], tmp_path / "l.png").stat().st_size > 1000
+    logs = {"clipcap": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, },
+                        {"step": 2, "val_loss": 2.5}]}
+    assert plot_training_curves(logs, tmp_path / "t.png").stat().st_size > 1000
+    assert plot_quality_vs_steps({"clipcap": metrics["decoders"]["clipcap"]}, tmp_path / "n.png") is None

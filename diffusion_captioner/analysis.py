@@ -1,0 +1,130 @@
+"""What a comparison adds on top of the metrics: significance, reference-free scores, caption
+statistics, side-by-side speed, and example captions (with the iterative decoders' trajectories)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from diffusion_captioner.features import FeatureCache, SplitFeatures
+from diffusion_captioner.inference import load_run
+from eval.significance import paired_bootstrap, paired_scores
+from eval.speed import benchmark_decoder, crossover_batch
+from registry import CaptionDecoder, build
+
+logger = logging.getLogger(__name__)
+
+SIGNIFICANCE_METRICS = ("CIDEr", "Bleu_4")
+BENCH_BATCHES = (1, 4, 16, 64)
+
+
+def supports_trajectory(decoder: CaptionDecoder) -> bool:
+    return "return_trajectory" in inspect.signature(decoder.generate).parameters
+
+
+def significance(run: Path, names: list[str], resamples: int = 2000) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of every decoder against the first on per-image CIDEr and BLEU-4."""
+    if len(names) < 2:
+        return {}
+    per_image = {n: json.loads((run / n / "metrics.json").read_text())["per_image"] for n in names}
+    baseline = names[0]
+    out: dict[str, dict[str, Any]] = {}
+    for name in names[1:]:
+        out[name] = {}
+        for metric in SIGNIFICANCE_METRICS:
+            first = {int(k): v for k, v in per_image[baseline].get(metric, {}).items()}
+            second = {int(k): v for k, v in per_image[name].get(metric, {}).items()}
+            if first and second:
+                a, b = paired_scores(first, second)
+                out[name][metric] = paired_bootstrap(a, b, resamples=resamples).to_dict()
+    return out
+
+
+def speed_options(decoder: CaptionDecoder, default: dict[str, Any]) -> list[dict[str, Any]]:
+    """The default generate options, then one per step count of an iterative decoder's sweep."""
+    sweep = [{**default, "steps": k} for k in type(decoder).step_sweep if k != default.get("steps")]
+    return [dict(default), *sweep]
+
+
+def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
+    dataset = build("dataset", config["dataset"])
+    cache_dir = config.get("cache_dir")
+    return FeatureCache(Path(cache_dir) if cache_dir else None).get(
+        dataset, "test", encoder, progress=False)
+
+
+def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[str, dict],
+                   features: torch.Tensor, device: str = "cpu", repeats: int = 5,
+                   batch_sizes: tuple[int, ...] = BENCH_BATCHES) -> dict[str, Any]:
+    """Time every decoder side by side in this process on the same ``features`` (N, D).
+
+    Returns ``{"threads", "device", "repeats", "decoders": {name: rows}, "crossover": {name:
+    batch}}``; crossover is the batch size from which the faster of a decoder and the first
+    decoder (both at their default options) changes.
+    """
+    features = features[torch.arange(max(batch_sizes)) % len(features)]  # (max_batch, D)
+    rows = {}
+    for name, decoder in decoders.items():
+        logger.info("timing %s", name)
+        rows[name] = benchmark_decoder(
+            decoder, features, speed_options(decoder, generate_options.get(name, {})),
+            batch_sizes=batch_sizes, repeats=repeats)
+    names = list(rows)
+    default_rows = {n: [r for r in rows[n] if r["options"] == rows[n][0]["options"]] for n in names}
+    return {
+        "threads": torch.get_num_threads(), "device": device, "repeats": repeats,
+        "decoders": rows,
+        "crossover": {n: crossover_batch(default_rows[names[0]], default_rows[n])
+                      for n in names[1:]},
+    }
+
+
+def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
+    """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``."""
+    run = Path(run)
+    loaded = load_run(run, device=device)
+    config = json.loads((run / "config.json").read_text())
+    features = test_features(config, loaded.encoder).features  # (N, D)
+    result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats)
+    (run / "speed.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def examples(run: Path, dataset, test: SplitFeatures, names: list[str], decoders: dict,
+             generate_options: dict, count: int = 4) -> list[dict[str, Any]]:
+    """A few test images (thumbnails under ``run/examples``) with every decoder's caption and the
+    caption after every step for the decoders that return a trajectory."""
+    folder = run / "examples"
+    folder.mkdir(exist_ok=True)
+    rows = [round(i * (len(test.records) - 1) / max(1, count - 1)) for i in range(count)]
+    results = {n: {r["image_id"]: r["caption"] for r in
+                   json.loads((run / n / "results_test.json").read_text())} for n in names}
+    out = []
+    for position, row in enumerate(rows):
+        record = test.records[row]
+        thumbnail = folder / f"{record.image_id}.png"
+        image = dataset.load_image(record)
+        if max(image.size) < 160:
+            scale = 160 // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image.thumbnail((224, 224))
+        image.save(thumbnail)
+        entry = {"image_id": record.image_id, "image": f"examples/{thumbnail.name}",
+                 "references": list(record.captions),
+                 "captions": {n: results[n].get(record.image_id, "") for n in names},
+                 "trajectories": {}}
+        if position == 0:
+            for name, decoder in decoders.items():
+                if supports_trajectory(decoder):
+                    feature = test.features[row:row + 1].to(decoder.device)  # (1, D)
+                    trajectory = decoder.generate(feature, return_trajectory=True,
+                                                  **generate_options.get(name, {}))
+                    entry["trajectories"][name] = list(trajectory[0])
+        out.append(entry)
+    return out

@@ -1,0 +1,225 @@
+"""The comparison report: ``report.md`` (readable in a minute) and ``report.html`` (thumbnails inline).
+
+Both are rendered from the run's top-level ``metrics.json`` document; every number in them comes
+from that file, which the run wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from eval.plots import step_curves
+
+REPORT_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _speed_at(metrics: dict[str, Any], name: str, batch: int, options: dict | None = None):
+    rows = metrics.get("speed", {}).get("decoders", {}).get(name, [])
+    for row in rows:
+        if row["batch"] == batch and (options is None or row["options"] == options):
+            return row
+    return None
+
+
+def _headline(metrics: dict[str, Any]) -> list[str]:
+    """One line per decoder vs the first: CIDEr gap with its bootstrap interval, and speed."""
+    names = list(metrics["decoders"])
+    if len(names) < 2:
+        return []
+    baseline = names[0]
+    lines = []
+    for name, tests in metrics.get("significance", {}).items():
+        cider = tests.get("CIDEr")
+        if not cider:
+            continue
+        verdict = "significant" if cider["significant"] else "not significant"
+        sign = "better" if cider["difference"] > 0 else "worse"
+        text = (f"**{name}** vs **{baseline}**: CIDEr {cider['difference']:+.3f} "
+                f"(95% paired-bootstrap CI [{cider['low']:+.3f}, {cider['high']:+.3f}], "
+                f"{cider['images']} images): {sign}, {verdict}")
+        bleu = tests.get("Bleu_4")
+        if bleu:
+            text += (f"; per-image BLEU-4 {bleu['difference']:+.3f} "
+                     f"[{bleu['low']:+.3f}, {bleu['high']:+.3f}]")
+        mine, theirs = _speed_at(metrics, name, 1), _speed_at(metrics, baseline, 1)
+        if mine and theirs:
+            text += (f"; batch-1 latency {mine['ms_per_caption']:.1f} ms vs "
+                     f"{theirs['ms_per_caption']:.1f} ms ({mine['ms_per_caption'] / theirs['ms_per_caption']:.2f}x)")
+        lines.append(f"- {text}.")
+    return lines
+
+
+def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The side-by-side markdown report of a run."""
+    decoders = metrics["decoders"]
+    lines = [
+        "# Captioning decoders, side by side", "",
+        f"Command: `{config['command']}`", "",
+        f"Data: `{json.dumps(config['dataset'])}`, test split of {metrics['test_images']} images; "
+        f"encoder `{metrics['encoder'].get('model')}` (fingerprint "
+        f"`{metrics['encoder']['fingerprint']}`); the same cached features, split and "
+        "pycocoevalcap metric code for every decoder.", "",
+    ]
+    lines += _headline(metrics) + [""]
+    lines += [
+        "| decoder | " + " | ".join(REPORT_METRICS) + " | CLIP-S | RefCLIP-S | steps | "
+        "ms/caption (batch 1) | captions/s (batch 64) | params (trainable) | train steps | train time |",
+        "|---" * (len(REPORT_METRICS) + 10) + "|",
+    ]
+    skipped: dict[str, str] = {}
+    for name, summary in decoders.items():
+        run = summary["test"]["default"]
+        skipped.update(run["skipped"])
+        scores = [_format(run["scores"].get(m, "skipped" if m in run["skipped"] else None))
+                  for m in REPORT_METRICS]
+        clip = summary.get("clip_scores", {})
+        params = summary["parameters"]
+        one, many = _speed_at(metrics, name, 1, run["options"]), _speed_at(metrics, name, 64, run["options"])
+        lines.append(
+            f"| {name} | " + " | ".join(scores) + f" | {_format(clip.get('CLIPScore'))} | "
+            f"{_format(clip.get('RefCLIPScore'))} | {run['options'].get('steps', '-')} | "
+            f"{_format(one['ms_per_caption']) if one else '-'} | "
+            f"{_format(many['captions_per_second']) if many else '-'} | "
+            f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
+            f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
+    lines.append("")
+    for metric, reason in sorted(skipped.items()):
+        lines.append(f"- {metric} skipped: {reason}")
+    skipped_images = {k: v for k, v in metrics.get("skipped_images", {}).items() if v}
+    if skipped_images:
+        lines.append(f"- unreadable images skipped (named in the log): {skipped_images}")
+    lines.append("")
+
+    stats = {n: s["caption_stats"] for n, s in decoders.items() if "caption_stats" in s}
+    if stats:
+        lines += ["## Caption statistics", "",
+                  "| decoder | repeated-word captions | repeated tokens | mean length | "
+                  "vocabulary | empty | copied from train |", "|---|---|---|---|---|---|---|"]
+        for name, s in stats.items():
+            lines.append(f"| {name} | {s['repeated_word_rate']:.1%} | {s['repeated_token_rate']:.1%} | "
+                         f"{s['mean_length']:.2f} | {s['vocabulary']} | {s['empty_rate']:.1%} | "
+                         f"{s['copied_from_train']:.1%} |")
+        lines.append("")
+
+    curves = step_curves(decoders, "CIDEr")
+    if curves:
+        lines += ["## Quality vs inference steps", "",
+                  "| decoder | K | CIDEr | Bleu_4 | ms/caption (batch 1) | captions/s (batch 64) |",
+                  "|---|---|---|---|---|---|"]
+        for name in curves:
+            for run in sorted(decoders[name]["test"].values(), key=lambda r: r["options"]["steps"]):
+                one = _speed_at(metrics, name, 1, run["options"])
+                many = _speed_at(metrics, name, 64, run["options"])
+                lines.append(
+                    f"| {name} | {run['options']['steps']} | {_format(run['scores']['CIDEr'])} | "
+                    f"{_format(run['scores'].get('Bleu_4'))} | "
+                    f"{_format(one['ms_per_caption']) if one else '-'} | "
+                    f"{_format(many['captions_per_second']) if many else '-'} |")
+        lines += [""]
+
+    speed = metrics.get("speed")
+    if speed:
+        lines += ["## Speed", "",
+                  f"Medians of {speed['repeats']} timed runs after warm-up, all decoders in one "
+                  f"process on `{speed['device']}` with {speed['threads']} thread(s), the same "
+                  "test features."]
+        for name, batch in speed.get("crossover", {}).items():
+            first = list(decoders)[0]
+            lines.append(f"- throughput of {name} vs {first}: "
+                         + (f"the faster one changes at batch {batch}." if batch else
+                            "the faster one is the same at every batch size measured."))
+        lines.append("")
+
+    plots = [(title, name) for title, name in (
+        ("quality vs steps", "quality_vs_steps.png"), ("latency vs batch size", "latency_vs_batch.png"),
+        ("training curves", "training_curves.png")) if name in metrics.get("plots", [])]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{title}]({name})" for title, name in plots] + [""]
+
+    if metrics.get("examples"):
+        lines += ["## Examples", ""]
+        for example in metrics["examples"]:
+            lines.append(f"![image {example['image_id']}]({example['image']})  ")
+            lines.append(f"image {example['image_id']}; references: "
+                         + "; ".join(f"_{r}_" for r in example["references"][:3]))
+            lines += ["", "| decoder | caption |", "|---|---|"]
+            lines += [f"| {n} | {c} |" for n, c in example["captions"].items()]
+            for name, trajectory in example["trajectories"].items():
+                lines += ["", f"{name}, caption after each of its {len(trajectory)} steps:", ""]
+                lines += [f"{k}. {caption}" for k, caption in enumerate(trajectory, 1)]
+            lines.append("")
+    lines.append("Per decoder: `<decoder>/results_test*.json` (COCO result format), "
+                 "`<decoder>/metrics.json` (with per-image scores), `<decoder>/clipscore.json`, "
+                 "`<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`; `speed.json`.")
+    return "\n".join(lines) + "\n"
+
+
+def _inline_images(body: str, run: Path) -> str:
+    """Replace ``<img src="file.png">`` of files in the run folder by base64 data URIs."""
+
+    def replace(match: re.Match) -> str:
+        path = run / html.unescape(match.group(1))
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{match.group(2)}">'
+
+    return re.sub(r'<img src="([^"]*)" alt="([^"]*)">', replace, body)
+
+
+def render_html(markdown_text: str, run: Path) -> str:
+    """``report.md`` as a standalone HTML page with every image inlined (base64)."""
+    out, table = [], []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        rows = [r.strip().strip("|").split("|") for r in table if not set(r.strip()) <= set("|-")]
+        out.append("<table>")
+        for i, cells in enumerate(rows):
+            tag = "th" if i == 0 else "td"
+            out.append("<tr>" + "".join(f"<{tag}>{_inline(c.strip())}</{tag}>" for c in cells) + "</tr>")
+        out.append("</table>")
+        table.clear()
+
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<p>&bull; {_inline(line[2:])}</p>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line.rstrip())}</p>")
+    flush_table()
+    body = _inline_images("\n".join(out), run)
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:left}img{max-width:100%;image-rendering:pixelated}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>comparison report</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """The little markdown the report uses: images, bold, italics, code."""
+    text = html.escape(text)
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", r'<img src="\2" alt="\1">', text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"(?<![\w])_([^_]+)_(?![\w])", r"<i>\1</i>", text)
+    return text

@@ -1,0 +1,71 @@
+"""Inference speed measured side by side in one process: warm-up, then medians.
+
+Latency per caption at batch 1 and throughput at batch 64 (and a latency-vs-batch curve) for each
+decoder at each step count it supports. All decoders see the same features, device and threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from registry import CaptionDecoder
+
+
+def median_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+@torch.no_grad()
+def benchmark_decoder(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    options: Sequence[dict[str, Any]],
+    batch_sizes: Sequence[int] = (1, 4, 16, 64),
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[dict[str, Any]]:
+    """For each generate-options dict and batch size: median seconds per batch, ms per caption
+    and captions per second. ``features`` (N, D) must hold at least max(batch_sizes) rows."""
+    decoder.eval()
+    rows = []
+    for opts in options:
+        for batch in batch_sizes:
+            chunk = features[:batch].to(decoder.device)  # (b, D)
+            seconds = median_seconds(lambda c=chunk, o=opts: decoder.generate(c, **o),
+                                     repeats, warmup)
+            rows.append({"options": dict(opts), "batch": batch, "seconds": seconds,
+                         "ms_per_caption": 1000 * seconds / batch,
+                         "captions_per_second": batch / seconds})
+    return rows
+
+
+def crossover_batch(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> int | None:
+    """The smallest batch size from which ``second``'s throughput no longer exceeds ``first``'s
+    (or the reverse), i.e. where the faster decoder changes; ``None`` if it never changes."""
+    a = {r["batch"]: r["captions_per_second"] for r in first}
+    b = {r["batch"]: r["captions_per_second"] for r in second}
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return None
+    leader = a[shared[0]] >= b[shared[0]]
+    for batch in shared[1:]:
+        if (a[batch] >= b[batch]) != leader:
+            return batch
+    return None

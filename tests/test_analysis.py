@@ -1,0 +1,93 @@
+"""Significance, CLIPScore, caption statistics and speed helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.caption_stats import caption_statistics
+from eval.clipscore import clip_scores, score_with_encoder
+from eval.significance import paired_bootstrap, paired_scores
+from eval.speed import crossover_batch, median_seconds
+
+
+def test_identical_systems_give_an_interval_around_zero():
+    scores = np.random.default_rng(0).uniform(0, 3, size=500)
+    result = paired_bootstrap(scores, scores.copy())
+    assert result.low <= 0 <= result.high and not result.significant
+
+
+def test_noisy_equal_systems_are_not_significant():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 3, size=400)
+    b = a + rng.normal(0, 0.5, size=400)  # same mean quality, paired noise
+    result = paired_bootstrap(a, b, seed=3)
+    assert result.low < 0 < result.high
+
+
+def test_a_clearly_better_system_excludes_zero():
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0, 3, size=300)
+    b = a + 0.4 + rng.normal(0, 0.3, size=300)
+    result = paired_bootstrap(a, b)
+    assert result.significant and result.low > 0.3 and result.difference == pytest.approx(
+        float((b - a).mean()))
+
+
+def test_paired_scores_align_on_shared_ids():
+    a, b = paired_scores({1: 1.0, 2: 2.0, 3: 3.0}, {3: 30.0, 1: 10.0})
+    assert a.tolist() == [1.0, 3.0] and b.tolist() == [10.0, 30.0]
+    with pytest.raises(ValueError):
+        paired_scores({1: 1.0}, {2: 1.0})
+
+
+def test_clipscore_matches_a_direct_computation(tiny_encoder):
+    from conftest import TINY_SHAPES
+
+    from registry import build
+
+    dataset = build("dataset", TINY_SHAPES)
+    records = dataset.records("test")[:3]
+    pixels = torch.stack([tiny_encoder.preprocess(dataset.load_image(r)) for r in records])
+    images = tiny_encoder.encode_images(pixels)  # (3, D)
+    results = {r.image_id: r.captions[0] for r in records}
+    references = {r.image_id: list(r.captions[1:]) for r in records}
+    scored = score_with_encoder(tiny_encoder, images, [r.image_id for r in records], results,
+                                references)
+    for row, record in enumerate(records):
+        candidate = tiny_encoder.encode_texts([record.captions[0]])[0]
+        refs = tiny_encoder.encode_texts(list(record.captions[1:]))
+        clip_s = 2.5 * max(float(F.cosine_similarity(images[row], candidate, dim=0)), 0.0)
+        ref_s = max(float(F.cosine_similarity(refs, candidate[None], dim=-1).max()), 0.0)
+        ref_clip_s = 2 * clip_s * ref_s / (clip_s + ref_s) if clip_s + ref_s else 0.0
+        assert scored["per_image"]["CLIPScore"][record.image_id] == pytest.approx(clip_s, abs=1e-5)
+        assert scored["per_image"]["RefCLIPScore"][record.image_id] == pytest.approx(ref_clip_s, abs=1e-5)
+    assert scored["CLIPScore"] == pytest.approx(np.mean(list(scored["per_image"]["CLIPScore"].values())))
+
+
+def test_clipscore_clamps_negative_cosine_to_zero():
+    image = torch.tensor([[1.0, 0.0]])
+    scores = clip_scores(image, torch.tensor([[-1.0, 0.0]]), [torch.tensor([[1.0, 0.0]])])
+    assert scores["CLIPScore"].item() == 0.0 and scores["RefCLIPScore"].item() == 0.0
+
+
+def test_caption_statistics_expose_repeats_and_copies():
+    stats = caption_statistics(["a red red circle", "a blue square", ""],
+                               training_captions=["a blue square", "a green disk"])
+    assert stats["repeated_word_rate"] == pytest.approx(1 / 3)
+    assert stats["copied_from_train"] == pytest.approx(1 / 3)
+    assert stats["empty_rate"] == pytest.approx(1 / 3)
+    assert stats["vocabulary"] == 5
+    assert stats["mean_length"] == pytest.approx(7 / 3)
+
+
+def test_crossover_and_median():
+    fast_small = [{"batch": b, "captions_per_second": v} for b, v in ((1, 100), (16, 200), (64, 300))]
+    fast_large = [{"batch": b, "captions_per_second": v} for b, v in ((1, 50), (16, 250), (64, 900))]
+    assert crossover_batch(fast_small, fast_large) == 16
+    assert crossover_batch(fast_small, fast_small) is None
+    calls = []
+    assert median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
+    assert len(calls) == 5
