@@ -75,7 +75,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     lines += [
         "| decoder | " + " | ".join(REPORT_METRICS) + " | CLIP-S | RefCLIP-S | steps | "
         "ms/caption (batch 1) | captions/s (batch 64) | params (trainable) | train steps | train time |",
-        "|---" * (len(REPORT_METRICS) + 10) + "|",
+        "|---" * (len(REPORT_METRICS) + 9) + "|",
     ]
     skipped: dict[str, str] = {}
     for name, summary in decoders.items():

@@ -11,6 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _plain_numbers(axis) -> None:
+    """Log-scaled axes with plain tick labels (2, 5, 10) instead of 2 x 10^0."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for which in (axis.xaxis, axis.yaxis):
+        which.set_major_formatter(plain)
+        which.set_minor_formatter(plain)
+
+
 def step_curves(decoders: dict[str, Any], metric: str) -> dict[str, list[tuple[int, float]]]:
     """``{decoder: [(steps, score), ...]}`` for every decoder evaluated at several step counts."""
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -64,6 +74,7 @@ def plot_latency_vs_batch(speed: dict[str, Any], out: str | Path) -> Path | None
             axis.plot([b for b, _ in points], [ms for _, ms in points], marker="o", label=label)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
+    _plain_numbers(axis)
     axis.set_xlabel("batch size")
     axis.set_ylabel("ms per caption (median)")
     axis.set_title(f"Latency vs batch size ({speed['device']}, {speed['threads']} thread(s))")
@@ -91,6 +102,7 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
             axis.plot(*zip(*val, strict=True), color=color, linestyle="--", marker=".",
                       label=f"{name} val")
     axis.set_yscale("log")
+    _plain_numbers(axis)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (each decoder's own)")
     axis.set_title("Training curves")
