@@ -40,6 +40,10 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 _BUILTIN_MODULES = (
     "diffusion_captioner.encoders",
     "diffusion_captioner.data.shapes",
+    "diffusion_captioner.data.coco",
+    "diffusion_captioner.data.karpathy",
+    "diffusion_captioner.data.jsonl",
+    "diffusion_captioner.data.combined",
     "baselines.clipcap",
 )
 _ENTRY_POINT_GROUPS: dict[Role, str] = {

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from diffusion_captioner.hub import hf_access
 from diffusion_captioner.tokenization import load_tokenizer
 from registry import CaptionDecoder
 
@@ -259,8 +260,12 @@ class ClipCapDecoder(CaptionDecoder):
         self.normalize_prefix = bool(normalize_prefix)
         self.finetune_lm = bool(finetune_lm)
 
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else lm)
-        self.lm = build_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
+        tokenizer_name = tokenizer if tokenizer is not None else lm
+        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
+            self.tokenizer = load_tokenizer(tokenizer_name)
+        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
+        with hf_access(str(lm), "causal LM", download=needs_hub):
+            self.lm = build_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
         self.embed_dim = self.lm.get_input_embeddings().embedding_dim
         self.mapper = build_mapper(
             mapper,

@@ -6,6 +6,7 @@
     dcap bench --run runs/NAME
     dcap caption --run runs/NAME --images a.jpg,b.png
     dcap list
+    dcap serve [--run runs/NAME] [--port 8000]
     dcap pretrain-clip [--out DIR] [--steps N]
 
 Every command takes ``--include-package my_pkg`` (repeatable as ``a,b``) to register user code.
@@ -62,13 +63,30 @@ def as_dict(value: Any, what: str) -> dict[str, Any] | None:
     return parsed
 
 
-def dataset_config(dataset: Any) -> dict[str, Any] | None:
-    """``shapes`` -> {"type": "shapes"}; a dict/JSON object passes through."""
+def dataset_config(dataset: Any, data_dir: str | None = None) -> dict[str, Any] | None:
+    """``shapes`` -> {"type": "shapes"}; a dict/JSON object passes through.
+
+    The short names ``flickr8k``, ``flickr30k``, ``coco-karpathy`` and ``flickr8k+flickr30k``
+    become Karpathy-split configs with their files found under ``data_dir``. Otherwise
+    ``data_dir`` is given to a dataset class that takes one (relative paths resolve under it).
+    """
     if dataset is None:
         return None
     if isinstance(dataset, str) and not dataset.lstrip().startswith("{"):
-        return {"type": dataset}
-    return as_dict(dataset, "dataset")
+        from diffusion_captioner.data.karpathy import COMBINED_NAMES, NAMED, named_config
+
+        if dataset in NAMED or dataset in COMBINED_NAMES:
+            return named_config(dataset, data_dir)
+        config: dict[str, Any] = {"type": dataset}
+    else:
+        config = as_dict(dataset, "dataset") or {}
+    if data_dir is not None and "data_dir" not in config and "type" in config:
+        import inspect
+
+        cls = registry.resolve("dataset", config["type"])
+        if "data_dir" in inspect.signature(cls.__init__).parameters:
+            config["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    return config
 
 
 def _include(include_package: Any) -> None:
@@ -105,6 +123,7 @@ class Commands:
         device: str = "cpu",
         include_package: Any = None,
         quiet: bool = False,
+        data_dir: str | None = None,
     ) -> None:
         """Train each decoder on the same cached features and split, score the test split, report.
 
@@ -120,16 +139,23 @@ class Commands:
             device: ``cpu``, ``cuda``, ``cuda:1``...
             include_package: module(s) whose decorators register your components.
             quiet: no progress bars.
+            data_dir: folder of the data files: ``--dataset flickr8k --data-dir DATA`` (also
+                ``flickr30k``, ``coco-karpathy``, ``flickr8k+flickr30k``), or the folder relative
+                paths in a ``--dataset`` JSON config resolve under.
         """
         from diffusion_captioner.compare import compare
 
         _include(include_package)
+        if dataset is None and data_dir is not None:  # the preset's dataset, under --data-dir
+            from diffusion_captioner.presets import load_preset
+
+            dataset = load_preset(preset).get("dataset")
         names = as_list(decoders) or registry.available("decoder")
         for name in names:
             registry.resolve("decoder", name)  # fail before any work on an unknown name
         out_dir = Path(out) if out else Path("runs") / f"{Path(preset).stem}-{'-'.join(names)}"
         metrics = compare(
-            names, out_dir, preset=preset, dataset=dataset_config(dataset), encoder=encoder,
+            names, out_dir, preset=preset, dataset=dataset_config(dataset, data_dir), encoder=encoder,
             cache_dir=Path(cache_dir) / "features" if cache_dir else None,
             train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
         )
@@ -176,21 +202,67 @@ class Commands:
         device: str = "cpu",
         batch_size: int = 64,
         num_workers: int = 0,
+        precision: str | None = None,
+        shard_size: int | None = None,
+        data_dir: str | None = None,
         include_package: Any = None,
+        quiet: bool = False,
     ) -> None:
-        """Encode a dataset's splits once into the feature cache (with a progress bar)."""
+        """Encode a dataset's splits once into the feature cache (progress bar, resumable shards).
+
+        Run it under ``accelerate launch --num_processes N -m diffusion_captioner extract ...``
+        to split the work across N processes (each rank a share of the shards, merged at the end).
+
+        Args:
+            dataset: dataset name (``shapes``, ``flickr8k``, ``flickr30k``, ``coco-karpathy``,
+                ``flickr8k+flickr30k``) or a JSON config ``{"type": "karpathy", ...}``.
+            encoder: ``embedded`` (default), ``ViT-B-32:openai``, ``local-dir:PATH``...
+            splits: comma-separated splits to encode.
+            cache_dir: cache folder (default ``$DCAP_CACHE`` or ``~/.cache/diffusion_captioner``).
+            device: ``cpu``, ``cuda``, ``cuda:1``... (``cuda`` under accelerate: this rank's GPU).
+            batch_size: images per encoder call.
+            num_workers: DataLoader processes that decode and preprocess images.
+            precision: encoder weights and inputs in ``fp32``, ``fp16`` or ``bf16`` (GPU); part
+                of the encoder fingerprint, so ``compare`` reuses the features only with the
+                same precision in its ``--encoder`` spec.
+            shard_size: records per resumable shard (an interrupted run redoes at most one).
+            data_dir: folder of the data files (named datasets; relative paths in a config).
+            include_package: module(s) whose decorators register your components.
+            quiet: no progress bars.
+        """
+        import os
+        import time
+
         from diffusion_captioner.encoders import encoder_config
-        from diffusion_captioner.features import FeatureCache
+        from diffusion_captioner.features import DEFAULT_SHARD_SIZE, FeatureCache, ProcessLayout
 
         _include(include_package)
-        data = registry.build("dataset", dataset_config(dataset))
-        clip = registry.build("encoder", {**encoder_config(encoder), "device": device})
-        cache = FeatureCache(Path(cache_dir) / "features" if cache_dir else None)
+        layout = ProcessLayout.current()
+        if layout.world > 1 and device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', layout.rank)}"
+        data = registry.build("dataset", dataset_config(dataset, data_dir))
+        clip_cfg = {**encoder_config(encoder), "device": device}
+        if precision is not None:  # else the encoder spec's own (fp32 by default)
+            clip_cfg["precision"] = precision
+        clip = registry.build("encoder", clip_cfg)
+        cache = FeatureCache(Path(cache_dir) / "features" if cache_dir else None,
+                             shard_size=int(shard_size or DEFAULT_SHARD_SIZE))
         for split in as_list(splits):
-            features = cache.get(data, split, clip, batch_size=batch_size, num_workers=num_workers)
-            state = "cached" if features.from_cache else "extracted"
+            began = time.perf_counter()
+            features = cache.get(data, split, clip, batch_size=int(batch_size),
+                                 num_workers=int(num_workers), progress=not quiet)
+            seconds = time.perf_counter() - began
+            if not layout.is_main:
+                continue
+            state = "cached" if features.from_cache else (
+                f"extracted in {seconds:.1f} s ({len(features.records) / max(seconds, 1e-9):.1f} "
+                f"images/s over {layout.world} process(es))")
             print(f"{split}: {len(features.records)} images {state}, {len(features.skipped)} "
-                  f"skipped -> {cache.path(data, split, clip)}")
+                  f"skipped ({len(features.missing)} missing files) -> {cache.path(data, split, clip)}")
+            for image_id, message in list(features.skipped.items())[:20]:
+                print(f"  skipped id {image_id}: {message}")
+            if len(features.skipped) > 20:
+                print(f"  ... and {len(features.skipped) - 20} more (in the cache file's metadata)")
 
     def caption(
         self,
@@ -215,6 +287,43 @@ class Commands:
             first = next(iter(failures.values()))
             more = f" (and {len(failures) - 1} more unreadable)" if len(failures) > 1 else ""
             raise BadImageError(f"{first}{more}")
+
+    def serve(
+        self,
+        run: str | None = None,
+        port: int = 8000,
+        host: str = "127.0.0.1",
+        decoders: Any = None,
+        device: str = "cpu",
+        include_package: Any = None,
+        quiet: bool = False,
+    ) -> None:
+        """Web page + JSON API: caption your own image with every decoder of a `compare` run.
+
+        Args:
+            run: run folder (default: the embedded run ``runs/embedded-<every decoder>`` that
+                `dcap compare` with no arguments writes; trained first when it is not finished).
+            port: TCP port (0 picks a free one).
+            host: interface to listen on; keep 127.0.0.1 unless you mean to expose the demo.
+            decoders: comma-separated subset of the run's decoders (default: all).
+            device: ``cpu``, ``cuda``...
+            include_package: module(s) whose decorators register your components.
+            quiet: no progress bars while training the default run.
+        """
+        from diffusion_captioner.web import create_app, run_is_finished, serve
+
+        _include(include_package)
+        if run is None:
+            names = registry.available("decoder")
+            default = Path("runs") / f"embedded-{'-'.join(names)}"
+            if not run_is_finished(default, names):
+                print(f"no finished embedded run at {default}: training it first "
+                      f"(`dcap compare --out {default}`), then serving it")
+                self.compare(decoders=",".join(names), out=str(default), device=device,
+                             include_package=include_package, quiet=quiet)
+            run = str(default)
+        app = create_app(run, decoders=as_list(decoders) or None, device=device)
+        serve(app, host=str(host), port=int(port))
 
     def pretrain_clip(
         self,
@@ -242,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     from eval.coco_format import EvaluationInputError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "root"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # open_clip logs INFO chatter on the root logger
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
     try:
         fire.Fire(Commands, command=argv, name="dcap")
     except (registry.ComponentError, EvaluationInputError, BadImageError, FileNotFoundError,

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from diffusion_captioner.hub import open_clip_access
 from registry import ComponentError, ImageEncoder
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,13 @@ class OpenClipEncoder(ImageEncoder):
         if model.startswith(EMBEDDED_PREFIX):
             source = f"local-dir:{embedded_asset(model[len(EMBEDDED_PREFIX):])}"
         try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                source, pretrained=pretrained, device=self.device
-            )
+            with open_clip_access(source, pretrained):  # fails fast when offline and not cached
+                clip, _, preprocess = open_clip.create_model_and_transforms(
+                    source, pretrained=pretrained, device=self.device
+                )
+                tokenizer = open_clip.get_tokenizer(source)
+        except ComponentError:
+            raise
         except Exception as error:  # noqa: BLE001 - open_clip raises many kinds; one line out
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ComponentError(
@@ -100,7 +105,7 @@ class OpenClipEncoder(ImageEncoder):
             clip = clip.to(_DTYPES[precision])
         self.clip = clip
         self._preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(source)
+        self.tokenizer = tokenizer
         self.dim = int(self.encode_images(torch.zeros(1, 3, *self._image_size())).shape[-1])
         self.fingerprint = self._fingerprint(source)
 

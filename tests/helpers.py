@@ -80,9 +80,76 @@ def tiny_clipcap_config(feature_dim: int, tokenizer_dir: str | Path, **overrides
     return config
 
 
+#: A BERT small enough for CPU tests in seconds; dropout off so training is deterministic.
+TINY_BERT_CONFIG: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+
+def tiny_mnic_config(feature_dim: int, tokenizer_dir: str | Path, **overrides: Any) -> dict:
+    """Constructor arguments (no ``type``) of a tiny random-weight MNIC decoder."""
+    config = {
+        "feature_dim": feature_dim,
+        "lm": "bert-base-uncased",
+        "lm_pretrained": False,
+        "lm_config": dict(TINY_BERT_CONFIG),
+        "tokenizer": str(tokenizer_dir),
+        "conditioning": "prefix",
+        "prefix_length": 1,
+        "length_mode": "predict",
+        "max_length": 12,
+    }
+    config.update(overrides)
+    return config
+
+
+#: A DistilBERT small enough for CPU tests in seconds; dropout off so training is deterministic.
+TINY_DISTILBERT_CONFIG: dict[str, Any] = {
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_dim": 64,
+    "max_position_embeddings": 24,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+}
+
+
+def tiny_diffusion_config(feature_dim: int, tokenizer_dir: str | Path, **overrides: Any) -> dict:
+    """Constructor arguments (no ``type``) of a tiny random-weight diffusion decoder."""
+    config = {
+        "feature_dim": feature_dim,
+        "lm": "distilbert-base-uncased",
+        "lm_pretrained": False,
+        "lm_config": dict(TINY_DISTILBERT_CONFIG),
+        "tokenizer": str(tokenizer_dir),
+        "max_length": 12,
+        "fusion": "concat",
+        "time_embedding": True,
+        "self_conditioning": True,
+        "text_condition": True,
+        "diffusion_steps": 100,
+        "steps": 3,
+    }
+    config.update(overrides)
+    return config
+
+
 #: decoder name -> (feature_dim, tmp_path) -> constructor arguments of a tiny instance.
 TINY_DECODER_CONFIGS: dict[str, Callable[[int, Path], dict]] = {
+    "diffusion": lambda feature_dim, tmp_path: tiny_diffusion_config(
+        feature_dim, tiny_word_tokenizer_dir(tmp_path)
+    ),
     "clipcap": lambda feature_dim, tmp_path: tiny_clipcap_config(
+        feature_dim, tiny_word_tokenizer_dir(tmp_path)
+    ),
+    "mnic": lambda feature_dim, tmp_path: tiny_mnic_config(
         feature_dim, tiny_word_tokenizer_dir(tmp_path)
     ),
 }

@@ -1,0 +1,557 @@
+"""MNIC (Gao et al., 2019): masked non-autoregressive captioning, decoded with mask-predict.
+
+A BERT masked language model fills in caption tokens conditioned on the projected image feature
+z in R^D. The caption w_1..w_L is a sequence of L positions; training hides a random subset M of
+them behind ``[MASK]`` and minimises the cross entropy of the hidden tokens only::
+
+    r ~ U(0, 1],  |M| = clamp(ceil(r * L), 1, L),  M uniform among the L positions
+    L_tok = - 1/|M| sum_{i in M} log p(w_i | z, w_{not M})          (other labels -100)
+
+(``ceil(r L)`` for r uniform in (0, 1] is uniform over 1..L: the mask-predict scheme). The
+length is predicted from the image feature by a classifier ``p(L | z)`` trained jointly,
+``loss = L_tok + lambda_len * CE(p(L | z), L)``, or, with ``length_mode="fixed"``, every caption
+is written into ``max_length`` positions as ``w_1..w_n [SEP] [PAD] ... [PAD]`` and the model
+learns to predict the end and padding tokens at the tail itself.
+
+The image conditions the LM either as ``prefix_length`` prefix embeddings ``P(z)`` before the
+caption positions (``conditioning="prefix"``, with segment id 0 for the prefix and 1 for the
+caption when the LM has two segment embeddings) or added to the input embedding of every caption
+position (``conditioning="add"``: ``e_i = emb(w_i) + P(z)``).
+
+Decoding is mask-predict (Ghazvininejad et al., 2019) with K passes. Pass 0 starts fully masked
+at length L and predicts every position, keeping each position's probability
+``p_i = max_w p(w | z, y)``. Pass t = 1..K-1 re-masks the ``n_t = floor(L (K - t) / K)`` positions
+with the lowest ``p_i`` and predicts only those: their tokens and probabilities are replaced,
+the others keep theirs. With ``length_beam=l`` the l most probable lengths are decoded in
+parallel and the candidate with the highest mean log-probability ``1/L sum_i log p_i`` wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from diffusion_captioner.hub import hf_access
+from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
+from registry import CaptionDecoder, ComponentError
+
+logger = logging.getLogger(__name__)
+
+Conditioning = Literal["prefix", "add"]
+LengthMode = Literal["predict", "fixed"]
+CONDITIONINGS: tuple[str, ...] = ("prefix", "add")
+LENGTH_MODES: tuple[str, ...] = ("predict", "fixed")
+
+#: LM names whose architecture is known without a download, for ``lm_pretrained=False``.
+#: ``BertConfig()``'s defaults are the 110M "bert-base-uncased" architecture.
+OFFLINE_LM_CONFIGS: dict[str, type] = {
+    "bert-base-uncased": BertConfig,
+    "google-bert/bert-base-uncased": BertConfig,
+}
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: training masks and the mask-predict schedule
+# --------------------------------------------------------------------------------------------
+def sample_mask(valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random training mask: per row, ``clamp(ceil(r * L), 1, L)`` of its L valid positions.
+
+    ``valid`` (B, T) bool marks the caption positions that may be masked (padding False). The
+    ratio r is drawn per row uniformly in (0, 1]; the masked positions are a uniformly random
+    subset of the valid ones. Rows with no valid position get no mask. Random numbers are drawn on
+    the CPU (from ``generator``, or torch's default one) so a seed gives the same mask on any
+    device. Returns (B, T) bool.
+    """
+    batch, width = valid.shape
+    valid_cpu = valid.detach().to("cpu", torch.bool)  # (B, T)
+    lengths = valid_cpu.sum(dim=1)  # (B,)
+    ratio = 1.0 - torch.rand(batch, generator=generator)  # (B,) in (0, 1]
+    count = torch.minimum(torch.ceil(ratio * lengths).long().clamp_min(1), lengths)  # (B,)
+    scores = torch.rand(batch, width, generator=generator).masked_fill(~valid_cpu, 2.0)  # (B, T)
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each position's score
+    return ((ranks < count[:, None]) & valid_cpu).to(valid.device)  # (B, T)
+
+
+def remask_counts(lengths: torch.Tensor | int, steps: int) -> torch.Tensor:
+    """Mask-predict's schedule: how many positions are (re-)masked at each of K passes.
+
+    ``n_0 = L`` (everything masked at the start), ``n_t = floor(L (K - t) / K)`` for
+    t = 1..K-1, decaying linearly. ``lengths`` is an int or a (B,) tensor; returns (K,) or (K, B)
+    long.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"mnic: steps must be >= 1, got {steps}")
+    scalar = not torch.is_tensor(lengths)
+    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)  # (B,)
+    t = torch.arange(int(steps), dtype=torch.long)[:, None]  # (K, 1)
+    counts = torch.div(lengths[None, :] * (int(steps) - t), int(steps), rounding_mode="floor")
+    return counts[:, 0] if scalar else counts  # (K,) or (K, B)
+
+
+def least_confident(
+    scores: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) bool: per row the ``count[b]`` valid positions with the lowest ``scores``.
+
+    Ties are broken by position (lower index first), so the choice is deterministic.
+    """
+    width = scores.shape[1]
+    ranked = scores.masked_fill(~valid, float("inf"))  # (B, T)
+    order = torch.sort(ranked, dim=1, stable=True).indices  # (B, T)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(width, device=scores.device).expand_as(order)  # (B, T)
+    ranks.scatter_(1, order, positions)  # (B, T) rank of each position
+    return (ranks < count[:, None].to(scores.device)) & valid  # (B, T)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and language model
+# --------------------------------------------------------------------------------------------
+def load_mlm_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """A masked-LM tokenizer: ``embedded:NAME``, a hub name or a saved directory.
+
+    It needs ``[MASK]`` and a pad token, and an end token (``sep``, else ``eos``) for the fixed
+    length mode. BERT tokenizers have no eos token, so hub names and directories go straight
+    to ``AutoTokenizer`` rather than through :func:`load_tokenizer`, which insists on one.
+    """
+    name = str(name_or_path)
+    if name.startswith(EMBEDDED_PREFIX):
+        tokenizer = load_tokenizer(name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    missing = [
+        what
+        for what, token in (
+            ("a mask token", tokenizer.mask_token),
+            ("a pad token", tokenizer.pad_token),
+            ("an end token (sep or eos)", tokenizer.sep_token or tokenizer.eos_token),
+        )
+        if token is None
+    ]
+    if missing:
+        raise ComponentError(f"mnic: tokenizer {name!r} has no {' and no '.join(missing)}")
+    return tokenizer
+
+
+def build_mlm(
+    lm: str,
+    pretrained: bool,
+    overrides: dict[str, Any] | None,
+    tokenizer: PreTrainedTokenizerBase,
+) -> PreTrainedModel:
+    """The masked LM: pretrained weights from ``lm`` (hub name or directory), or random weights.
+
+    Random weights (``pretrained=False``) use the config of ``lm``: a local directory's or hub
+    model's ``config.json`` (its vocabulary kept, grown to fit the tokenizer if smaller), or, for
+    the names in :data:`OFFLINE_LM_CONFIGS`, the library default config with no download and the
+    vocabulary sized to the tokenizer. ``overrides`` are applied last in both cases.
+    """
+    overrides = dict(overrides or {})
+    if pretrained:
+        config = AutoConfig.from_pretrained(lm)
+        _update_config(config, overrides, lm)
+        logger.info("loading pretrained masked LM %s", lm)
+        model = AutoModelForMaskedLM.from_pretrained(lm, config=config)
+    else:
+        from_file = Path(lm).expanduser().is_dir() or lm not in OFFLINE_LM_CONFIGS
+        config = AutoConfig.from_pretrained(lm) if from_file else OFFLINE_LM_CONFIGS[lm]()
+        if "vocab_size" not in overrides:
+            overrides["vocab_size"] = (
+                max(config.vocab_size, len(tokenizer)) if from_file else len(tokenizer)
+            )
+        if "pad_token_id" not in overrides and hasattr(config, "pad_token_id"):
+            overrides["pad_token_id"] = tokenizer.pad_token_id
+        _update_config(config, overrides, lm)
+        logger.info("building masked LM %s with random weights (%s)", lm, config.model_type)
+        model = AutoModelForMaskedLM.from_config(config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.float()
+
+
+def _update_config(config: Any, overrides: dict[str, Any], lm: str) -> None:
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise ValueError(f"lm_config for {lm!r}: unknown {config.model_type} config keys {unknown}")
+    config.update(overrides)
+
+
+class FeatureProjection(nn.Module):
+    """``P(z) = W2 gelu(W1 z + b1) + b2`` reshaped to k embeddings: (B, D) -> (B, k, E)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, tokens: int) -> None:
+        super().__init__()
+        self.tokens, self.embed_dim = tokens, embed_dim
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, embed_dim),
+            nn.GELU(),
+            nn.Linear(embed_dim, tokens * embed_dim),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(z.shape[0], self.tokens, self.embed_dim)  # (B, k, E)
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder
+# --------------------------------------------------------------------------------------------
+@CaptionDecoder.register("mnic")
+class MNICDecoder(CaptionDecoder):
+    """MNIC: image-conditioned BERT, masked non-autoregressive, mask-predict refinement.
+
+    Training masks a random fraction r ~ U(0, 1] of the caption tokens and minimises the cross
+    entropy of the masked ones, ``-sum_{i in M} log p(w_i | z, w_{not M})``, plus
+    ``length_loss_weight`` times the length classifier's cross entropy ``-log p(L | z)``.
+    ``generate(features, steps=K)`` runs K mask-predict passes.
+
+    Args:
+        feature_dim: D, the image feature size.
+        lm: masked LM (BERT family), a hub name or a local directory.
+        lm_pretrained: load the LM's pretrained weights; False builds it from its config with
+            random weights (the tiny embedded default).
+        lm_config: overrides applied to the LM config (e.g. ``{"num_hidden_layers": 2}``).
+        tokenizer: tokenizer name/path (``"embedded:NAME"`` for a packaged one); defaults to ``lm``.
+        conditioning: ``"prefix"`` (k projected feature tokens before the caption) or ``"add"``
+            (the projected feature added to every caption position's input embedding).
+        prefix_length: k, number of prefix tokens (``"prefix"`` only).
+        length_mode: ``"predict"`` (the length classifier picks L) or ``"fixed"`` (always
+            ``max_length`` positions; the model predicts ``[SEP]`` then ``[PAD]`` at the tail).
+        max_length: most caption positions (the end token included in ``"fixed"`` mode).
+        length_loss_weight: lambda_len, weight of the length classifier's loss.
+        normalize_features: L2-normalise z before the projections and the length classifier.
+    """
+
+    step_sweep = (1, 2, 4, 8)
+
+    def __init__(
+        self,
+        feature_dim: int,
+        lm: str = "bert-base-uncased",
+        lm_pretrained: bool = True,
+        lm_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        conditioning: Conditioning = "prefix",
+        prefix_length: int = 1,
+        length_mode: LengthMode = "predict",
+        max_length: int = 24,
+        length_loss_weight: float = 0.1,
+        normalize_features: bool = False,
+    ) -> None:
+        super().__init__()
+        self._config: dict[str, Any] = {
+            "feature_dim": int(feature_dim),
+            "lm": str(lm),
+            "lm_pretrained": bool(lm_pretrained),
+            "lm_config": dict(lm_config) if lm_config is not None else None,
+            "tokenizer": tokenizer,
+            "conditioning": conditioning,
+            "prefix_length": int(prefix_length),
+            "length_mode": length_mode,
+            "max_length": int(max_length),
+            "length_loss_weight": float(length_loss_weight),
+            "normalize_features": bool(normalize_features),
+        }
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"mnic: unknown conditioning {conditioning!r}; choose one of: "
+                f"{', '.join(CONDITIONINGS)}"
+            )
+        if length_mode not in LENGTH_MODES:
+            raise ValueError(
+                f"mnic: unknown length_mode {length_mode!r}; choose one of: "
+                f"{', '.join(LENGTH_MODES)}"
+            )
+        if int(prefix_length) < 1 or int(max_length) < 2:
+            raise ValueError("mnic: prefix_length must be >= 1 and max_length >= 2")
+        self.conditioning: Conditioning = conditioning
+        self.length_mode: LengthMode = length_mode
+        self.prefix_length = int(prefix_length) if conditioning == "prefix" else 0
+        self.max_length = int(max_length)
+        self.length_loss_weight = float(length_loss_weight)
+        self.normalize_features = bool(normalize_features)
+
+        tokenizer_name = tokenizer if tokenizer is not None else lm
+        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
+            self.tokenizer = load_mlm_tokenizer(tokenizer_name)
+        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
+        with hf_access(str(lm), "masked LM", download=needs_hub):
+            self.lm = build_mlm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
+        self.embed_dim = self.lm.get_input_embeddings().embedding_dim
+        self.project = FeatureProjection(
+            int(feature_dim), self.embed_dim, self.prefix_length if self.prefix_length else 1
+        )
+        # p(L | z) over L = 0..max_length; L = 0 is never a target and never predicted.
+        self.length_head = nn.Sequential(
+            nn.Linear(int(feature_dim), self.embed_dim),
+            nn.GELU(),
+            nn.Linear(self.embed_dim, self.max_length + 1),
+        )
+        positions = getattr(self.lm.config, "max_position_embeddings", None)
+        if positions is not None and self.prefix_length + self.max_length > positions:
+            raise ValueError(
+                f"mnic: prefix_length {self.prefix_length} + max_length {self.max_length} "
+                f"exceeds the LM's {positions} positions"
+            )
+        self.use_segments = (
+            self.conditioning == "prefix" and getattr(self.lm.config, "type_vocab_size", 0) >= 2
+        )
+        vocab = self.lm.get_output_embeddings().out_features
+        allowed = torch.zeros(vocab, dtype=torch.bool)  # (V,)
+        allowed[: len(self.tokenizer)] = True
+        kept = {self.end_token_id, self.pad_token_id} if self.length_mode == "fixed" else set()
+        for special in self.tokenizer.all_special_ids:
+            if special not in kept and special < vocab:
+                allowed[special] = False
+        self.register_buffer("allowed_tokens", allowed, persistent=False)
+
+    # ---------------------------------------------------------------- config and checkpoints
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def save_extra(self, directory: str | Path) -> None:
+        """Tokenizer files to ``directory/tokenizer``, the LM config to ``directory/lm``."""
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self.lm.config.save_pretrained(str(directory / "lm"))
+
+    @classmethod
+    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
+        """Rebuild from the checkpoint's own LM config and tokenizer: no network, no download."""
+        directory = Path(directory)
+        return {
+            "lm": str(directory / "lm"),
+            "lm_pretrained": False,
+            "lm_config": None,
+            "tokenizer": str(directory / "tokenizer"),
+        }
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.tokenizer.mask_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def end_token_id(self) -> int:
+        """The caption end token of the fixed-length mode: ``[SEP]`` (else eos)."""
+        sep = self.tokenizer.sep_token_id
+        return int(sep if sep is not None else self.tokenizer.eos_token_id)
+
+    def _features(self, features: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.project.parameters()).dtype
+        z = features.to(device=self.device, dtype=dtype)  # (B, D)
+        return F.normalize(z, dim=-1) if self.normalize_features else z
+
+    def length_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``log p(L | z)`` up to a constant: (B, D) -> (B, max_length + 1); L = 0 is -inf."""
+        logits = self.length_head(self._features(features)).float()  # (B, max_length+1)
+        return logits.index_fill(1, torch.tensor([0], device=logits.device), float("-inf"))
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> target ids (B, T) and the positions that are caption tokens (B, T) bool.
+
+        ``"predict"``: the tokens (no special tokens), cut to ``max_length``, right-padded with
+        pad to the longest (T <= max_length); padding is not part of the caption (False).
+        ``"fixed"``: ``w_1..w_n [SEP] [PAD]...`` in exactly ``max_length`` positions (n cut to
+        ``max_length - 1``), every position a target (all True).
+        """
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        if self.length_mode == "fixed":
+            rows = [ids[: self.max_length - 1] + [self.end_token_id] for ids in encoded]
+            width = self.max_length
+        else:
+            rows = [ids[: self.max_length] for ids in encoded]
+            if any(len(row) == 0 for row in rows):
+                raise ValueError("mnic: an empty caption has nothing to predict")
+            width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, T)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            valid[i, : len(row)] = True
+        if self.length_mode == "fixed":
+            valid[:] = True
+        return ids.to(self.device), valid.to(self.device)
+
+    def caption_lengths(self, captions: list[str]) -> torch.Tensor:
+        """Target lengths of the length classifier: token counts cut to ``max_length``, (B,)."""
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        lengths = [min(max(len(ids), 1), self.max_length) for ids in encoded]
+        return torch.tensor(lengths, dtype=torch.long, device=self.device)  # (B,)
+
+    def mask_inputs(
+        self, ids: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked inputs (B, T) and labels (B, T): the masked positions' ids, -100 elsewhere."""
+        masked = sample_mask(valid, generator)  # (B, T)
+        inputs = ids.masked_fill(masked, self.mask_token_id)  # (B, T)
+        labels = ids.masked_fill(~masked, IGNORE_INDEX)  # (B, T)
+        return inputs, labels
+
+    def token_logits(
+        self, ids: torch.Tensor, attention: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """``log p(w_i | z, y)`` up to a constant at every caption position: (B, T, V).
+
+        ``ids`` (B, T) may contain ``[MASK]``; ``attention`` (B, T) marks the positions that
+        exist (length padding is 0); ``features`` (B, D).
+        """
+        z = self._features(features)  # (B, D)
+        condition = self.project(z)  # (B, k or 1, E)
+        tokens = self.lm.get_input_embeddings()(ids).to(condition.dtype)  # (B, T, E)
+        attention = attention.long()  # (B, T)
+        token_types = None
+        if self.conditioning == "prefix":
+            k = self.prefix_length
+            inputs = torch.cat([condition, tokens], dim=1)  # (B, k+T, E)
+            attention = torch.cat([attention.new_ones((ids.shape[0], k)), attention], dim=1)
+            if self.use_segments:
+                token_types = torch.cat(
+                    [torch.zeros_like(ids[:, :1]).expand(-1, k), torch.ones_like(ids)], dim=1
+                )  # (B, k+T)
+        else:
+            k = 0
+            inputs = tokens + condition  # (B, T, E), condition broadcast over positions
+        extra = {"token_type_ids": token_types} if token_types is not None else {}
+        logits = self.lm(inputs_embeds=inputs, attention_mask=attention, **extra).logits
+        return logits[:, k:].float()  # (B, T, V)
+
+    # ---------------------------------------------------------------- training
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``loss = L_tok + lambda_len L_len`` with every part (and the length accuracy).
+
+        ``L_tok``: mean cross entropy over the masked caption positions only (labels -100
+        elsewhere). ``L_len = -log p(L | z)`` (``"predict"`` mode; 0 in ``"fixed"`` mode).
+        Outside training mode (validation) the masks come from a fixed-seed generator, so
+        validation losses of different evaluations are comparable and the global RNG is untouched.
+        """
+        features = batch["features"]
+        captions = list(batch["captions"])
+        if len(captions) != features.shape[0]:
+            raise ValueError(f"mnic: {features.shape[0]} features but {len(captions)} captions")
+        generator = None if self.training else torch.Generator().manual_seed(0)
+        ids, valid = self.encode_captions(captions)  # (B, T), (B, T)
+        inputs, labels = self.mask_inputs(ids, valid, generator)  # (B, T), (B, T)
+        attention = valid if self.length_mode == "predict" else torch.ones_like(valid)
+        logits = self.token_logits(inputs, attention, features)  # (B, T, V)
+        picked = labels != IGNORE_INDEX  # (B, T)
+        token_loss = F.cross_entropy(logits[picked], labels[picked])  # masked positions only
+        parts = {"token_loss": token_loss}
+        if self.length_mode == "predict":
+            length_logits = self.length_logits(features)  # (B, max_length+1)
+            targets = self.caption_lengths(captions)  # (B,)
+            length_loss = F.cross_entropy(length_logits, targets)
+            accuracy = (length_logits.argmax(dim=-1) == targets).float().mean()
+            parts.update(length_loss=length_loss, length_accuracy=accuracy.detach())
+            total = token_loss + self.length_loss_weight * length_loss
+        else:
+            total = token_loss
+        return {"loss": total, **parts}
+
+    # ---------------------------------------------------------------- generation
+    def predict_lengths(self, features: torch.Tensor, beam: int = 1) -> torch.Tensor:
+        """The ``beam`` most probable lengths per image, best first: (B, l) long.
+
+        ``"fixed"`` mode: ``max_length`` for every image (l = 1).
+        """
+        if self.length_mode == "fixed":
+            return torch.full((features.shape[0], 1), self.max_length, device=self.device)
+        beam = max(1, min(int(beam), self.max_length))
+        return self.length_logits(features).topk(beam, dim=-1).indices  # (B, l)
+
+    def mask_predict(
+        self, features: torch.Tensor, lengths: torch.Tensor, steps: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """K mask-predict passes for N rows of given lengths.
+
+        ``features`` (N, D), ``lengths`` (N,). Returns the tokens after every pass (K tensors of
+        (N, T)), the final per-position log-probabilities (N, T) and the positions that exist
+        (N, T) bool. Pass 0 masks everything; pass t re-masks the ``remask_counts`` least
+        confident positions and only those get new tokens and probabilities.
+        """
+        rows, width = lengths.shape[0], int(lengths.max())
+        positions = torch.arange(width, device=self.device)  # (T,)
+        valid = positions[None, :] < lengths[:, None]  # (N, T)
+        tokens = torch.full((rows, width), self.pad_token_id, device=self.device)  # (N, T)
+        scores = torch.zeros((rows, width), device=self.device)  # (N, T) log p_i
+        counts = remask_counts(lengths.cpu(), steps).to(self.device)  # (K, N)
+        attention = valid if self.length_mode == "predict" else torch.ones_like(valid)
+        history: list[torch.Tensor] = []
+        for t in range(int(steps)):
+            remask = valid if t == 0 else least_confident(scores, valid, counts[t])  # (N, T)
+            tokens = tokens.masked_fill(remask, self.mask_token_id)  # (N, T)
+            logits = self.token_logits(tokens, attention, features)  # (N, T, V)
+            logits = logits.masked_fill(~self.allowed_tokens, float("-inf"))  # (N, T, V)
+            best_logp, best = F.log_softmax(logits, dim=-1).max(dim=-1)  # (N, T), (N, T)
+            tokens = torch.where(remask, best, tokens)  # (N, T)
+            scores = torch.where(remask, best_logp, scores)  # (N, T)
+            history.append(tokens)
+        return history, scores, valid
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """(B, T) ids -> captions: cut at the first end/pad token, special tokens dropped."""
+        stops = {self.end_token_id, self.pad_token_id}
+        captions = []
+        for row in ids.tolist():
+            cut = next((i for i, token in enumerate(row) if token in stops), len(row))
+            captions.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return captions
+
+    @torch.no_grad()
+    def generate(
+        self,
+        features: torch.Tensor,
+        steps: int = 4,
+        length_beam: int = 1,
+        return_trajectory: bool = False,
+        **_: Any,
+    ) -> list[str] | list[list[str]]:
+        """(B, D) features -> B captions by K = ``steps`` mask-predict passes.
+
+        ``length_beam=l`` decodes the l most probable lengths and keeps, per image, the candidate
+        with the highest mean log-probability ``1/L sum_i log p_i``. With
+        ``return_trajectory=True`` returns per image the K captions after each pass (the last is
+        the caption returned without it). Deterministic (argmax, eval mode restored afterwards);
+        options meant for other decoders (e.g. ``num_beams``) are accepted and ignored.
+        """
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"mnic: steps must be >= 1, got {steps}")
+        if features.shape[0] == 0:
+            return []
+        was_training = self.training
+        self.eval()
+        try:
+            batch = features.shape[0]
+            lengths = self.predict_lengths(features, length_beam)  # (B, l)
+            beam = lengths.shape[1]
+            expanded = features.to(self.device).repeat_interleave(beam, dim=0)  # (B*l, D)
+            history, scores, valid = self.mask_predict(expanded, lengths.reshape(-1), steps)
+            mean_logp = (scores * valid).sum(dim=1) / valid.sum(dim=1)  # (B*l,)
+            choice = mean_logp.view(batch, beam).argmax(dim=1)  # (B,)
+            rows = torch.arange(batch, device=self.device) * beam + choice  # (B,)
+            captions_per_pass = [self.decode(tokens[rows]) for tokens in history]  # K x B
+        finally:
+            self.train(was_training)
+        if return_trajectory:
+            return [list(trajectory) for trajectory in zip(*captions_per_pass, strict=True)]
+        return captions_per_pass[-1]
