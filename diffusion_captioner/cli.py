@@ -124,6 +124,7 @@ class Commands:
         include_package: Any = None,
         quiet: bool = False,
         data_dir: str | None = None,
+        threads: int | None = None,
     ) -> None:
         """Train each decoder on the same cached features and split, score the test split, report.
 
@@ -139,6 +140,7 @@ class Commands:
             device: ``cpu``, ``cuda``, ``cuda:1``...
             include_package: module(s) whose decorators register your components.
             quiet: no progress bars.
+            threads: torch intra-op threads for the run (default: the preset's; embedded uses 1).
             data_dir: folder of the data files: ``--dataset flickr8k --data-dir DATA`` (also
                 ``flickr30k``, ``coco-karpathy``, ``flickr8k+flickr30k``), or the folder relative
                 paths in a ``--dataset`` JSON config resolve under.
@@ -158,6 +160,7 @@ class Commands:
             names, out_dir, preset=preset, dataset=dataset_config(dataset, data_dir), encoder=encoder,
             cache_dir=Path(cache_dir) / "features" if cache_dir else None,
             train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
+            threads=threads,
         )
         print((out_dir / "report.md").read_text())
         print(f"run folder: {out_dir}")
@@ -365,7 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dcap: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``, destroy the process group before exit: gloo's worker threads
+    otherwise abort the interpreter at shutdown ("terminate called without an active exception")."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

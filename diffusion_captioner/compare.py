@@ -146,12 +146,21 @@ def compare(
     device: str = "cpu",
     progress: bool = True,
     bench_repeats: int = 5,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run every decoder on the same features and split; write the run folder and report."""
+    """Run every decoder on the same features and split; write the run folder and report.
+
+    ``threads`` (else the preset's ``threads``, else torch's default) sets torch's intra-op
+    threads for the whole run: the embedded preset's tiny models run on one, because they gain
+    little from a second and slow down badly when another process holds a core.
+    """
     find_java()  # METEOR and the PTB tokenizer need it: fail now, not after training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = load_preset(preset)
+    threads = threads if threads is not None else plan.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     dataset_cfg = dataset or plan.get("dataset", {"type": "shapes"})
     encoder_cfg = encoder_config(encoder if encoder is not None else plan.get("encoder"))
     plans = {}
@@ -162,6 +171,7 @@ def compare(
         "command": shlex.join(["dcap", *sys.argv[1:]]),
         "preset": preset, "dataset": dataset_cfg, "encoder": encoder_cfg, "decoders": plans,
         "device": device, "cache_dir": str(cache_dir) if cache_dir else None,
+        "threads": torch.get_num_threads(),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
 

@@ -1,0 +1,620 @@
+"""CLIP-DiffusionLM (Xu 2022) as a :class:`CaptionDecoder`, with LaDiC-style improvements as options.
+
+A caption w_1..w_L (end token, then padding to the fixed length L) is embedded with frozen word
+embeddings into x_0 (B, L, E) -- optionally standardised per dimension and scaled by ``s``::
+
+    x_0 = s * (E[w] - mu) / sigma          (normalize_embeddings)     or   x_0 = s * E[w]
+
+Training draws t ~ U{1..T}, x_t = q_sample(x_0, t, eps), and the denoiser predicts x0_hat directly
+(Diffusion-LM). The loss, every part of which is returned for the log::
+
+    L_simple' = sum_pos mean_dim d(x0_hat(x_t), x_0) + [x_1 term] sum_pos mean_dim d(x0_hat(x_1), x_0)
+    L_R       = sum_pos CE(w, head(x0_hat(x_t))) + [x_1 term] sum_pos CE(w, head(x0_hat(x_1)))
+    loss      = L_simple' + lambda L_R (+ the text prior's MSE)
+
+with d the squared (``mse``) or absolute (``l1``) difference in standardised units (divided by
+s), sums over positions and means over the batch (the original code's ``series_sum_sample_mean``),
+``head(x) = (x / s * sigma + mu) E^T`` the frozen LM head tied to the word embeddings (bias 0, as in
+the original), and ``lambda`` fixed or dynamic: ``lambda = C * L_simple' / L_R`` (detached) every step.
+
+Inference starts from x_T ~ N(0, temperature^2 I) and, at K evenly spaced timesteps, predicts x_0
+and steps to the next timestep (:class:`~diffusion_captioner.diffusion.schedule.NoiseSchedule.step`:
+fed straight back, DDIM, or re-noised), optionally clamping x0_hat to the nearest word embeddings;
+the last x0_hat goes through the LM head, each position takes its most probable word, and the caption
+ends at the first predicted end or pad token (no de-duplication).
+
+The ``refine`` sampler is mask-predict in continuous form (LaDiC's "back and refine" taken to every
+step): after step k of K, with n the predicted length (first end/pad word), the floor((n + 1)(K - k)
+/ K) least confident of the first n + 1 positions (max LM-head probability) restart from pure noise
+at t = T while all others are committed to their most probable word's clean embedding (t = 0), so
+the next call fills the uncertain positions consistently with the committed ones. It needs a
+denoiser that has seen per-position noise levels: ``mixed_noise`` > 0.
+
+Classifier-free guidance. In training the caption's CLIP text feature (``batch["text_features"]``)
+fills the text slot and is dropped with probability ``text_dropout`` (absent text features count as
+dropped). At inference there is no caption. The original code feeds a zero text feature whose
+attention is masked out (so its guided branch never runs at inference); here a linear *text prior*
+``z_txt_hat = P(z_img)``, trained alongside (MSE to the caption text features, DALL-E 2's prior in
+miniature), fills the slot: ``x0_hat = (1 + w) f(x_t, z_img, z_txt_hat) - w f(x_t, z_img, -)``, so
+w = 0 conditions on the predicted text feature and w > 0 pushes away from the image-only output.
+
+Word embeddings without a pretrained model (the embedded default: a tiny DistilBERT over the shapes
+word vocabulary) are drawn N(0, 1) and frozen like pretrained ones would be: in E = 128 dimensions
+58 random vectors are nearly orthogonal, so no word can collapse onto another (the failure mode of
+jointly trained diffusion embeddings that Diffusion-LM fights with its rounding loss), and the LM
+head tied to them is a fixed nearest-direction classifier. ``embed_scale`` then sets how much noise
+a word survives: at s = 1 a 128-d word is still recognisable at abar ~ 0.01, so almost every
+training step would be spent at noise levels where the image does not matter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from diffusion_captioner.diffusion.denoiser import (
+    OFFLINE_LM_CONFIGS,
+    Denoiser,
+    FusionName,
+    build_masked_lm,
+)
+from diffusion_captioner.diffusion.schedule import (
+    STEP_MODES,
+    NoiseSchedule,
+    ScheduleName,
+    clamp_to_vocabulary,
+)
+from diffusion_captioner.hub import hf_access
+from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
+from registry import CaptionDecoder
+
+logger = logging.getLogger(__name__)
+
+RestoreLoss = Literal["mse", "l1"]
+#: The schedule's step modes, plus ``refine``: mask-predict in continuous form (below).
+Sampler = Literal["feed", "ddim", "renoise", "refine"]
+SAMPLERS: tuple[str, ...] = (*STEP_MODES, "refine")
+
+
+def _mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat - x).pow(2).mean(-1).sum(-1).mean()  # sum over positions, mean over B and E
+
+
+def _l1(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat - x).abs().mean(-1).sum(-1).mean()
+
+
+RESTORE_LOSSES = {"mse": _mse, "l1": _l1}
+
+
+def load_caption_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """``"embedded:NAME"`` via :func:`load_tokenizer`; anything else via ``AutoTokenizer`` (BERT
+    tokenizers have [SEP]/[PAD] but no eos, which ``load_tokenizer`` insists on)."""
+    if name.startswith(EMBEDDED_PREFIX):
+        tokenizer = load_tokenizer(name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"diffusion: tokenizer {name!r} has no pad token")
+    if tokenizer.sep_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError(f"diffusion: tokenizer {name!r} has neither a [SEP] nor an eos token")
+    return tokenizer
+
+
+@CaptionDecoder.register("diffusion")
+class DiffusionDecoder(CaptionDecoder):
+    """CLIP-DiffusionLM: a DistilBERT denoises caption word embeddings by continuous diffusion.
+
+    Args:
+        feature_dim: D, the CLIP feature size.
+        lm: DistilBERT, a hub name or a local directory (weights or, unpretrained, its config).
+        lm_pretrained: load its pretrained weights (word embeddings, body); False builds it from
+            its config with random weights and random N(0, 1) word embeddings (frozen like
+            pretrained ones: nearly orthogonal in E dims, so words stay far apart).
+        body_pretrained: with ``lm_pretrained``, keep the pretrained transformer body; False
+            re-initialises it and keeps only the embeddings (the original code).
+        lm_config: overrides of the DistilBERT config (a tiny size, dropout, ...).
+        tokenizer: tokenizer name/path (``"embedded:NAME"`` for a packaged one); default ``lm``.
+        max_length: L, the fixed caption length (words + end token + padding).
+        fusion: ``"add"`` (CLIP features added at every position) or ``"concat"`` (two extra
+            tokens with a segment embedding).
+        image_tokens: k, the image feature's tokens in ``concat`` fusion (an MLP to a k-token
+            prefix, as ClipCap's mapper; the paper has 1).
+        time_embedding: give the denoiser the timestep (the original code has none).
+        self_conditioning: feed the previous x_0 prediction back as input (Chen et al., LaDiC);
+            trained on half the batches with a no-grad first pass.
+        text_condition: a text-feature slot for classifier-free guidance (and the text prior).
+        text_dropout: p_uncond, the probability a row's text feature is dropped in training.
+        schedule: ``"linear"``, ``"cosine"`` or ``"sqrt"``; diffusion_steps: T.
+        restore_loss: ``"mse"`` or ``"l1"``; x1_loss: add the x_1 restoring (and rounding) term.
+        rounding_weight: lambda; dynamic_rounding: C for lambda = C * L_simple' / L_R (None: fixed).
+        normalize_embeddings: standardise every embedding dimension over the vocabulary (LaDiC).
+        embed_scale: s, the scale of x_0 (relative to the noise) after that.
+        input_scaling: divide x_t by its standard deviation sqrt(abar s'^2 + 1 - abar) before
+            the network (s' the per-dimension std of x_0), so every t gives unit-scale inputs.
+        normalize_features: L2-normalise the CLIP features first (to norm sqrt(D)).
+        mixed_noise: the fraction of training captions whose positions get their own noise
+            levels: t per caption as usual, then each position, with a per-caption probability
+            q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t}. Teaches the denoiser to fill noisy positions
+            from cleaner ones, which the ``refine`` sampler relies on (0: one t per caption).
+        length_head: predict the caption length n from the image (an MLP, cross-entropy part
+            ``length``); half the training captions then see their end token and padding clean
+            (t = 0), and generation commits the predicted end token and padding from the first
+            step (as mask-predict's length prediction), so only the first n positions are
+            denoised.
+        steps, sampler, clamp, guidance, temperature: generation defaults (see :meth:`generate`).
+    """
+
+    step_sweep = (1, 2, 5, 10, 20)
+    needs_text_features = True
+
+    def __init__(
+        self,
+        feature_dim: int,
+        lm: str = "distilbert-base-uncased",
+        lm_pretrained: bool = True,
+        body_pretrained: bool = True,
+        lm_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 16,
+        fusion: FusionName = "concat",
+        image_tokens: int = 1,
+        time_embedding: bool = True,
+        self_conditioning: bool = False,
+        text_condition: bool = True,
+        text_dropout: float = 0.2,
+        schedule: ScheduleName = "cosine",
+        diffusion_steps: int = 1000,
+        restore_loss: RestoreLoss = "mse",
+        x1_loss: bool = True,
+        rounding_weight: float = 0.3,
+        dynamic_rounding: float | None = None,
+        normalize_embeddings: bool = False,
+        embed_scale: float = 1.0,
+        input_scaling: bool = False,
+        normalize_features: bool = True,
+        mixed_noise: float = 0.0,
+        length_head: bool = False,
+        steps: int = 5,
+        sampler: Sampler = "ddim",
+        clamp: bool = False,
+        guidance: float = 0.0,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self._config: dict[str, Any] = {
+            "feature_dim": int(feature_dim), "lm": str(lm), "lm_pretrained": bool(lm_pretrained),
+            "body_pretrained": bool(body_pretrained),
+            "lm_config": dict(lm_config) if lm_config is not None else None,
+            "tokenizer": tokenizer, "max_length": int(max_length), "fusion": fusion,
+            "image_tokens": int(image_tokens),
+            "time_embedding": bool(time_embedding), "self_conditioning": bool(self_conditioning),
+            "text_condition": bool(text_condition), "text_dropout": float(text_dropout),
+            "schedule": schedule, "diffusion_steps": int(diffusion_steps),
+            "restore_loss": restore_loss, "x1_loss": bool(x1_loss),
+            "rounding_weight": float(rounding_weight),
+            "dynamic_rounding": float(dynamic_rounding) if dynamic_rounding is not None else None,
+            "normalize_embeddings": bool(normalize_embeddings), "embed_scale": float(embed_scale),
+            "input_scaling": bool(input_scaling), "normalize_features": bool(normalize_features),
+            "mixed_noise": float(mixed_noise), "length_head": bool(length_head),
+            "steps": int(steps), "sampler": sampler, "clamp": bool(clamp),
+            "guidance": float(guidance), "temperature": float(temperature),
+        }
+        if restore_loss not in RESTORE_LOSSES:
+            raise ValueError(f"unknown restore_loss {restore_loss!r}; choose one of: "
+                             f"{', '.join(RESTORE_LOSSES)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if max_length < 2:
+            raise ValueError("diffusion: max_length must be >= 2 (a word and the end token)")
+        if not 0.0 <= text_dropout <= 1.0:
+            raise ValueError(f"diffusion: text_dropout must be in [0, 1], got {text_dropout}")
+        if embed_scale <= 0:
+            raise ValueError(f"diffusion: embed_scale must be > 0, got {embed_scale}")
+        self.max_length = int(max_length)
+        self.schedule = NoiseSchedule(schedule, diffusion_steps)
+        self.restore_fn = RESTORE_LOSSES[restore_loss]
+
+        tokenizer_name = tokenizer if tokenizer is not None else str(lm)
+        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
+            self.tokenizer = load_caption_tokenizer(tokenizer_name)
+        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
+        with hf_access(str(lm), "DistilBERT", download=needs_hub):
+            mlm = build_masked_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer,
+                                  body_pretrained=bool(body_pretrained))
+        words = mlm.get_input_embeddings()
+        if not lm_pretrained:
+            # Random embeddings at unit variance per dimension (pad included), like the noise;
+            # positions too, or they would vanish next to x_t in the input LayerNorm.
+            with torch.no_grad():
+                words.weight.normal_(0.0, 1.0)
+                mlm.distilbert.embeddings.position_embeddings.weight.normal_(0.0, 1.0)
+        words.weight.requires_grad_(False)
+        mlm.get_output_embeddings().requires_grad_(False)  # unused: the head is E^T, bias 0
+        self.denoiser = Denoiser(
+            mlm, int(feature_dim), self.schedule.steps, fusion=fusion,
+            time_embedding=bool(time_embedding), self_conditioning=bool(self_conditioning),
+            text_condition=bool(text_condition),
+            zero_init=bool(lm_pretrained and body_pretrained), image_tokens=int(image_tokens),
+        )
+        if self.max_length > self.denoiser.max_tokens:
+            raise ValueError(
+                f"diffusion: max_length {self.max_length} plus the fusion's "
+                f"{self.denoiser.fusion.extra_tokens} CLIP tokens exceeds DistilBERT's "
+                f"{mlm.config.max_position_embeddings} positions"
+            )
+        self.text_prior = (
+            torch.nn.Linear(int(feature_dim), int(feature_dim)) if text_condition else None
+        )
+        self.length_head = (
+            torch.nn.Sequential(torch.nn.Linear(int(feature_dim), 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, self.max_length))
+            if length_head else None
+        )
+        # Embedding statistics, saved with the weights (they follow the frozen table).
+        table = words.weight.detach().float()  # (V, E)
+        if normalize_embeddings:
+            mean, std = table.mean(0), table.std(0).clamp(min=1e-6)  # (E,), (E,)
+        else:
+            mean, std = torch.zeros(table.shape[1]), torch.ones(table.shape[1])
+        self.register_buffer("emb_mean", mean)
+        self.register_buffer("emb_std", std)
+        self.register_buffer("x0_std", ((table - mean) / std * embed_scale).std().reshape(()))
+        self.register_buffer("rounding_lambda", torch.tensor(float(rounding_weight)))
+
+    # ---------------------------------------------------------------- config and checkpoints
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def save_extra(self, directory: str | Path) -> None:
+        """Tokenizer files to ``directory/tokenizer``, the DistilBERT config to ``directory/lm``."""
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self.denoiser.mlm.config.save_pretrained(str(directory / "lm"))
+
+    @classmethod
+    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
+        """Rebuild from the checkpoint's own DistilBERT config and tokenizer: no network."""
+        directory = Path(directory)
+        return {"lm": str(directory / "lm"), "lm_pretrained": False, "lm_config": None,
+                "tokenizer": str(directory / "tokenizer")}
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def end_token_id(self) -> int:
+        sep = self.tokenizer.sep_token_id
+        return int(sep if sep is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """The frozen word-embedding table E (V, E)."""
+        return self.denoiser.mlm.get_input_embeddings().weight
+
+    @property
+    def embed_scale(self) -> float:
+        return self._config["embed_scale"]
+
+    def diffusion_table(self) -> torch.Tensor:
+        """Every word's x_0 vector: ``s (E - mu) / sigma`` (V, E)."""
+        return (self.word_embeddings - self.emb_mean) / self.emb_std * self.embed_scale
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> x_0 (B, L, E)."""
+        return self.diffusion_table()[ids]
+
+    def lm_logits(self, x0: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head on diffusion-space vectors: ``(x / s * sigma + mu) E^T`` (B, L, V)."""
+        raw = x0 / self.embed_scale * self.emb_std + self.emb_mean  # (B, L, E)
+        return raw @ self.word_embeddings.T  # (B, L, V)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, L) ids: words cut to L - 1, the end token, then padding to L."""
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        ids = torch.full((len(encoded), self.max_length), self.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(encoded):
+            row = row[: self.max_length - 1] + [self.end_token_id]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids.to(self.device)  # (B, L)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """(B, L) ids -> captions, each cut at its first end or pad token, specials dropped."""
+        stops = {self.end_token_id, self.pad_token_id}
+        captions = []
+        for row in ids.tolist():
+            cut = next((i for i, token in enumerate(row) if token in stops), len(row))
+            captions.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return captions
+
+    def _features(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP features, with ``normalize_features`` scaled to norm sqrt(D): unit scale per
+        element, like the other inputs of the network (a unit-norm 128-d feature would enter
+        at ~0.09 per element and be drowned in the input LayerNorm)."""
+        z = features.to(device=self.device, dtype=self.x0_std.dtype)  # (B, D)
+        if self._config["normalize_features"]:
+            z = F.normalize(z, dim=-1) * z.shape[-1] ** 0.5  # (B, D)
+        return z
+
+    def _input_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """c_in(t) = 1 / sqrt(abar_t s'^2 + 1 - abar_t) (1 without ``input_scaling``), (B, 1, 1)
+        or (B, L, 1)."""
+        if not self._config["input_scaling"]:
+            return torch.ones((like.shape[0], 1, 1), device=like.device, dtype=like.dtype)
+        abar = self.schedule.abar(t, like)  # (B, 1, 1) or (B, L, 1)
+        return torch.rsqrt(abar * self.x0_std**2 + 1 - abar)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
+                text: torch.Tensor | None = None, text_keep: torch.Tensor | None = None,
+                self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_hat (B, L, E) from x_t (B, L, E) at timesteps t (B,) or (B, L) (inputs scaled by c_in)."""
+        x_in = x_t * self._input_scale(t, x_t)  # (B, L, E)
+        return self.denoiser(x_in, t, image, text, text_keep, self_cond)  # (B, L, E)
+
+    # ---------------------------------------------------------------- training
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The training loss and its parts (see the module docstring)."""
+        captions = list(batch["captions"])
+        image = self._features(batch["features"])  # (B, D)
+        if len(captions) != image.shape[0]:
+            raise ValueError(f"diffusion: {image.shape[0]} features but {len(captions)} captions")
+        batch_size = image.shape[0]
+        ids = self.encode_captions(captions)  # (B, L)
+        x0 = self.embed(ids)  # (B, L, E)
+
+        # Training draws from the global RNG; evaluation from a fixed seed, so validation losses
+        # of different steps are comparable (same t, noise and dropout for the same batch).
+        generator = None if self.training else torch.Generator().manual_seed(0)
+
+        def uniform(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=generator).to(self.device)
+
+        def gaussian(like: torch.Tensor) -> torch.Tensor:
+            return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
+
+        text = batch.get("text_features")
+        if text is not None and self.denoiser.text_proj is not None:
+            text = self._features(text)  # (B, D)
+            keep = uniform(batch_size) >= self._config["text_dropout"]  # (B,)
+        else:
+            text = None
+            keep = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+
+        t = self.schedule.sample_timesteps(batch_size, self.device, generator)  # (B,)
+        if self._config["mixed_noise"] > 0:
+            t = self._mix_timesteps(t, ids.shape[1], uniform)  # (B, L)
+        length_loss = None
+        if self.length_head is not None:
+            words = (ids == self.end_token_id).long().argmax(-1)  # (B,), where the end token is
+            length_loss = F.cross_entropy(self.length_head(image), words)
+            positions = torch.arange(ids.shape[1], device=self.device)  # (L,)
+            given = (uniform(batch_size) < 0.5)[:, None] & (positions[None] >= words[:, None])
+            t = torch.where(given, 0, t if t.dim() == 2 else t[:, None].expand_as(ids))  # (B, L)
+        x_t = self.schedule.q_sample(x0, t, gaussian(x0))  # (B, L, E)
+        self_cond = None
+        if self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5):
+            with torch.no_grad():
+                self_cond = self.denoise(x_t, t, image, text, keep).detach()  # (B, L, E)
+        x0_hat = self.denoise(x_t, t, image, text, keep, self_cond)  # (B, L, E)
+
+        scale = self.embed_scale
+        restore_t = self.restore_fn(x0_hat / scale, x0 / scale)
+        rounding_t = self._rounding(x0_hat, ids)
+        parts: dict[str, torch.Tensor] = {"restore_xt": restore_t, "rounding_xt": rounding_t}
+        l_simple, l_rounding = restore_t, rounding_t
+        if self._config["x1_loss"]:
+            ones = torch.ones(batch_size, dtype=torch.long, device=self.device)  # (B,)
+            x_1 = self.schedule.q_sample(x0, ones, gaussian(x0))  # (B, L, E)
+            x0_hat_1 = self.denoise(x_1, ones, image, text, keep)  # (B, L, E)
+            restore_1 = self.restore_fn(x0_hat_1 / scale, x0 / scale)
+            rounding_1 = self._rounding(x0_hat_1, ids)
+            parts.update(restore_x1=restore_1, rounding_x1=rounding_1)
+            l_simple, l_rounding = l_simple + restore_1, l_rounding + rounding_1
+        weight = self.rounding_lambda
+        if self._config["dynamic_rounding"] is not None:
+            if self.training:  # lambda = C * L_simple' / L_R, updated every step
+                ratio = (l_simple.detach() / l_rounding.detach().clamp(min=1e-8)).float()
+                self.rounding_lambda.fill_(self._config["dynamic_rounding"] * float(ratio))
+            else:  # validation: the fixed weight, so losses of different steps compare
+                weight = torch.tensor(self._config["rounding_weight"], device=self.device)
+        total = l_simple + weight * l_rounding
+        parts.update(l_simple=l_simple, l_rounding=l_rounding, rounding_lambda=weight.detach())
+
+        if length_loss is not None:
+            parts["length"] = length_loss
+            total = total + length_loss
+        if self.text_prior is not None:
+            raw_text = batch.get("text_features")
+            if raw_text is not None:
+                target = self._features(raw_text)  # (B, D)
+                prior = F.mse_loss(self._prior(image.detach()), target)
+            else:
+                prior = image.new_zeros(())
+            parts["prior"] = prior
+            total = total + prior
+        with torch.no_grad():
+            accuracy = (self.lm_logits(x0_hat).argmax(-1) == ids).float().mean()
+        parts["token_accuracy"] = accuracy
+        return {"loss": total, **parts}
+
+    def _mix_timesteps(self, t: torch.Tensor, length: int, uniform) -> torch.Tensor:
+        """(B,) caption timesteps -> (B, L): in a ``mixed_noise`` fraction of the captions each
+        position is, with probability q ~ U(0, 1) (one q per caption), lowered to t' = 0 (clean,
+        as the refine sampler's committed words) or, for half the captions, t' = floor(u t),
+        u ~ U(0, 1)."""
+        batch = t.shape[0]
+        mixed = uniform(batch) < self._config["mixed_noise"]  # (B,)
+        q = uniform(batch)  # (B,)
+        lowered = uniform(batch, length) < q[:, None]  # (B, L)
+        graded = uniform(batch) < 0.5  # (B,)
+        cleaner = (uniform(batch, length) * t[:, None] * graded[:, None]).long()  # (B, L)
+        per_position = t[:, None].expand(batch, length)  # (B, L)
+        return torch.where(mixed[:, None] & lowered, cleaner, per_position)
+
+    def _rounding(self, x0_hat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """L_R: CE of the gold words through the frozen LM head, summed over positions."""
+        logits = self.lm_logits(x0_hat).float()  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")  # (B*L,)
+        return ce.view(ids.shape).sum(-1).mean()
+
+    def _prior(self, image: torch.Tensor) -> torch.Tensor:
+        """The text prior's guess of the caption's (normalised) CLIP text feature, (B, D)."""
+        z = self.text_prior(image)  # (B, D)
+        if self._config["normalize_features"]:
+            z = F.normalize(z, dim=-1) * z.shape[-1] ** 0.5  # (B, D)
+        return z
+
+    # ---------------------------------------------------------------- generation
+    def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
+                   text: torch.Tensor | None, guidance: float,
+                   self_cond: torch.Tensor | None) -> torch.Tensor:
+        """``(1 + w) f(x_t, z_img, z_txt_hat) - w f(x_t, z_img, -)``; f(., z_img, -) without a
+        text slot (or with no text prior)."""
+        if text is None:
+            return self.denoise(x_t, t, image, None, None, self_cond)
+        keep = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
+        cond = self.denoise(x_t, t, image, text, keep, self_cond)  # (B, L, E)
+        if guidance == 0:
+            return cond
+        uncond = self.denoise(x_t, t, image, text, ~keep, self_cond)  # (B, L, E)
+        return (1 + guidance) * cond - guidance * uncond
+
+    def _refine_inputs(self, x0_hat: torch.Tensor, table: torch.Tensor, done: int, total: int,
+                       noise: torch.Tensor, span: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of refine step ``done + 1`` of ``total`` (mask-predict with a predicted length).
+
+        The caption's length n is where the first end/pad word is predicted; the positions after
+        it keep their (pad) words. Of the first n + 1 positions, the ``floor((n + 1) (total -
+        done) / total)`` least confident (max LM-head probability) restart from pure noise at
+        t = T; every other position is committed to its most probable word's clean embedding
+        (t = 0). A given ``span`` (B,) (the predicted lengths) replaces n + 1. Returns x_t
+        (B, L, E) and per-position timesteps (B, L).
+        """
+        batch, length, _ = x0_hat.shape
+        probabilities = self.lm_logits(x0_hat).float().softmax(-1)  # (B, L, V)
+        confidence, words = probabilities.max(-1)  # (B, L), (B, L)
+        stop = (words == self.end_token_id) | (words == self.pad_token_id)  # (B, L)
+        positions = torch.arange(length, device=x0_hat.device)  # (L,)
+        if span is None:
+            first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
+            span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
+        redo = span * (total - done) // total  # (B,)
+        inside = positions[None] < span[:, None]  # (B, L)
+        order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
+        rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
+        noisy = rank < redo[:, None]  # (B, L)
+        t = torch.where(noisy, self.schedule.steps, 0).long()  # (B, L)
+        committed = table[words]  # (B, L, E)
+        return torch.where(noisy[..., None], noise, committed), t
+
+    @torch.no_grad()
+    def generate(
+        self,
+        features: torch.Tensor,
+        steps: int | None = None,
+        guidance: float | None = None,
+        return_trajectory: bool = False,
+        sampler: Sampler | None = None,
+        clamp: bool | None = None,
+        temperature: float | None = None,
+        seed: int | None = 0,
+        **_: Any,
+    ) -> list[str] | list[list[str]]:
+        """(B, D) features -> B captions by K-step diffusion sampling.
+
+        Args:
+            steps: K, number of denoiser calls (default: the config's ``steps``).
+            guidance: w, classifier-free guidance weight (needs ``text_condition``; doubles the
+                cost when non-zero).
+            return_trajectory: return, per image, the caption after every step instead.
+            sampler: ``"feed"``, ``"ddim"``, ``"renoise"`` or ``"refine"`` (default: the
+                config's); see the module docstring.
+            clamp: snap x0_hat to the nearest word embeddings between steps.
+            temperature: scale of the starting (and re-noising) Gaussian noise.
+            seed: seeds the noise (a private generator: deterministic, global RNG untouched);
+                None draws from the global RNG.
+
+        Returns:
+            ``list[str]``, one caption per image; with ``return_trajectory=True`` a
+            ``list[list[str]]``: for image i, the K captions after steps 1..K, the last being
+            the caption ``generate`` returns without it.
+
+        Options meant for other decoders (e.g. ``num_beams``) are accepted and ignored.
+        """
+        cfg = self._config
+        k = int(cfg["steps"] if steps is None else steps)
+        w = float(cfg["guidance"] if guidance is None else guidance)
+        mode = cfg["sampler"] if sampler is None else sampler
+        snap = bool(cfg["clamp"] if clamp is None else clamp)
+        tau = float(cfg["temperature"] if temperature is None else temperature)
+        if mode not in SAMPLERS:
+            raise ValueError(f"unknown sampler {mode!r}; choose one of: {', '.join(SAMPLERS)}")
+        if k < 1:
+            raise ValueError(f"diffusion: steps must be >= 1, got {k}")
+        batch = features.shape[0]
+        if batch == 0:
+            return []
+        was_training = self.training
+        self.eval()
+        try:
+            image = self._features(features)  # (B, D)
+            text = self._prior(image) if self.text_prior is not None else None
+            generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+            shape = (batch, self.max_length, self.word_embeddings.shape[1])
+
+            def gaussian() -> torch.Tensor:
+                return torch.randn(shape, generator=generator).to(self.device, image.dtype) * tau
+
+            table = self.diffusion_table() if snap or mode == "refine" else None
+            timesteps = self.schedule.inference_timesteps(k)
+            x_t = gaussian()  # (B, L, E)
+            t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
+            lengths, suffix, suffix_ids = None, None, None
+            if self.length_head is not None:  # commit the end token and padding up front
+                lengths = self.length_head(image).argmax(-1)  # (B,)
+                positions = torch.arange(self.max_length, device=self.device)  # (L,)
+                suffix = positions[None] >= lengths[:, None]  # (B, L)
+                suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
+                                         self.pad_token_id)  # (B, L)
+                clean_suffix = self.embed(suffix_ids)  # (B, L, E)
+            x0_hat, previous = x_t, None
+            trajectory: list[list[str]] = []
+            for i in range(len(timesteps)):
+                if suffix is not None:
+                    x_t = torch.where(suffix[..., None], clean_suffix, x_t)  # (B, L, E)
+                    t = torch.where(suffix, 0, t if t.dim() == 2 else t[:, None].expand_as(suffix))
+                x0_hat = self._guided_x0(x_t, t, image, text, w, previous)  # (B, L, E)
+                if return_trajectory:
+                    step_ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+                    if suffix is not None:
+                        step_ids = torch.where(suffix, suffix_ids, step_ids)
+                    trajectory.append(self.decode(step_ids))
+                if i + 1 == len(timesteps):
+                    break
+                previous = x0_hat
+                if mode == "refine":
+                    x_t, t = self._refine_inputs(x0_hat, table, i + 1, len(timesteps), gaussian(),
+                                                 lengths)
+                    continue
+                target = clamp_to_vocabulary(x0_hat, table) if table is not None else x0_hat
+                t_next = torch.full_like(t, timesteps[i + 1])  # (B,)
+                noise = gaussian() if mode == "renoise" else None
+                x_t = self.schedule.step(target, x_t, t, t_next, mode, noise)  # (B, L, E)
+                t = t_next
+            ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+            if suffix is not None:
+                ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
+        finally:
+            self.train(was_training)
+        if return_trajectory:
+            return [list(captions) for captions in zip(*trajectory, strict=True)]
+        return self.decode(ids)

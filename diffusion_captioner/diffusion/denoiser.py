@@ -1,0 +1,265 @@
+"""The denoiser: a DistilBERT body that maps a noisy caption embedding to its x_0 prediction.
+
+Inputs at one timestep: x_t (B, L, E) noisy caption embeddings, t (B,), the image feature
+z_img (B, D), optionally the caption's CLIP text feature z_txt (B, D) (classifier-free guidance)
+and the previous x_0 prediction (self-conditioning). The network computes::
+
+    h_0   = x_t + W_sc x0_prev + MLP_t(sinusoid(t))            (the last two optional)
+    add:    h = h_0 + MLP_img(z_img) + k * MLP_txt(z_txt)      (k = 0 when the text is dropped)
+    concat: h = [h_0 ; MLP_img(z_img) ; MLP_txt(z_txt)] + segment   (text token masked when dropped)
+    x0_hat = LN(GELU(W_v DistilBERT(h)[:L]))                   DistilBERT's own vocab_transform + LN
+
+so that for a pretrained DistilBERT the output already lives in its word-embedding space (E = its
+``dim``). The word embeddings and the LM head are not trained here: the decoder owns them frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+FusionName = Literal["add", "concat"]
+
+#: LM names whose architecture is known without a download (for ``lm_pretrained=False``):
+#: ``DistilBertConfig()``'s defaults are the distilbert-base-uncased architecture.
+OFFLINE_LM_CONFIGS: dict[str, type] = {
+    "distilbert-base-uncased": DistilBertConfig,
+    "distilbert/distilbert-base-uncased": DistilBertConfig,
+}
+
+
+def build_masked_lm(
+    lm: str,
+    pretrained: bool,
+    overrides: dict[str, Any] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    body_pretrained: bool = True,
+) -> DistilBertForMaskedLM:
+    """DistilBERT with its MLM head, from a hub name, a local directory or a config.
+
+    ``pretrained``: load the checkpoint's weights (word embeddings, body, head). Otherwise build
+    from ``lm``'s config (a directory's or hub model's ``config.json``, or for the names in
+    :data:`OFFLINE_LM_CONFIGS` the library default, no download) with the vocabulary sized to the
+    tokenizer and random weights. ``body_pretrained=False`` re-initialises the transformer body
+    and head after loading, keeping only the pretrained word embeddings (the original code's
+    choice). ``overrides`` are applied to the config in every case (e.g. a tiny size, dropout).
+    """
+    overrides = dict(overrides or {})
+    if pretrained:
+        config = AutoConfig.from_pretrained(lm)
+        _update_config(config, overrides, lm)
+        logger.info("loading pretrained DistilBERT %s", lm)
+        model = DistilBertForMaskedLM.from_pretrained(lm, config=config)
+        if not body_pretrained:
+            model = _random_body_with_embeddings_of(model)
+    else:
+        from_file = Path(lm).expanduser().is_dir() or lm not in OFFLINE_LM_CONFIGS
+        config = AutoConfig.from_pretrained(lm) if from_file else OFFLINE_LM_CONFIGS[lm]()
+        if "vocab_size" not in overrides:
+            overrides["vocab_size"] = (
+                max(config.vocab_size, len(tokenizer)) if from_file else len(tokenizer)
+            )
+        if "pad_token_id" not in overrides and tokenizer.pad_token_id is not None:
+            overrides["pad_token_id"] = tokenizer.pad_token_id
+        _update_config(config, overrides, lm)
+        logger.info("building DistilBERT %s with random weights", lm)
+        model = DistilBertForMaskedLM(config)
+    if getattr(model.config, "model_type", None) != "distilbert":
+        raise ValueError(f"diffusion: {lm!r} is a {model.config.model_type}, not a DistilBERT")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.float()
+
+
+def _update_config(config: Any, overrides: dict[str, Any], lm: str) -> None:
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise ValueError(f"lm_config for {lm!r}: unknown {config.model_type} config keys {unknown}")
+    config.update(overrides)
+
+
+def _random_body_with_embeddings_of(model: DistilBertForMaskedLM) -> DistilBertForMaskedLM:
+    """A freshly initialised DistilBERT of the same config with ``model``'s word embeddings."""
+    fresh = DistilBertForMaskedLM(model.config)
+    with torch.no_grad():
+        fresh.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    return fresh
+
+
+class TimestepEmbedding(nn.Module):
+    """``MLP(sinusoid(t))``: (B,) integer timesteps -> (B, D), the transformer-style sinusoid
+    (frequencies 1 / 10000^(2i/D)) followed by Linear-SiLU-Linear; with ``zero_init`` the last
+    layer starts at zero, so a pretrained body sees its usual input at initialisation."""
+
+    def __init__(self, dim: int, steps: int, zero_init: bool = False) -> None:
+        super().__init__()
+        self.dim, self.steps = dim, steps
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+        if zero_init:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        frequencies = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )  # (D/2,)
+        angles = t.float()[:, None] * frequencies[None]  # (B, D/2)
+        embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, 2*(D/2))
+        if embedding.shape[-1] < self.dim:
+            embedding = F.pad(embedding, (0, self.dim - embedding.shape[-1]))  # (B, D)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class FeatureProjection(nn.Module):
+    """The MLP from a CLIP feature (B, D_clip) to k tokens of the word-embedding width (B, k, D)
+    (ClipCap's prefix idea: k > 1 gives the image several slots, e.g. one per object)."""
+
+    def __init__(self, feature_dim: int, dim: int, tokens: int = 1) -> None:
+        super().__init__()
+        self.tokens, self.dim = tokens, dim
+        self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim), nn.GELU(),
+                                 nn.Linear(tokens * dim, tokens * dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(z.shape[0], self.tokens, self.dim)  # (B, k, D)
+
+
+class AddFusion(nn.Module):
+    """Element-wise addition: the projected CLIP features are added at every caption position."""
+
+    extra_tokens = 0
+
+    def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
+                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h + image.sum(1, keepdim=True)  # (B, L, D)
+        if text is not None:
+            h = h + text_keep[:, None, None].to(h.dtype) * text  # (B, L, D)
+        mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L)
+        return h, mask
+
+
+class ConcatFusion(nn.Module):
+    """Concatenation: the projected CLIP features are extra tokens after the caption (k image
+    tokens, one text token), told apart by a segment embedding (0: caption, 1: CLIP); a dropped
+    text feature is masked out."""
+
+    def __init__(self, dim: int, image_tokens: int = 1) -> None:
+        super().__init__()
+        self.segment = nn.Embedding(2, dim)
+        self.extra_tokens = image_tokens + 1
+
+    def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
+                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = h.shape
+        if text is None:
+            text = torch.zeros_like(image[:, :1])  # (B, 1, D), masked out below
+            text_keep = torch.zeros_like(text_keep)
+        h = torch.cat([h, image, text], dim=1)  # (B, L+k+1, D)
+        segments = torch.tensor([0] * length + [1] * self.extra_tokens, device=h.device)
+        h = h + self.segment(segments)[None]  # (B, L+k+1, D)
+        mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L+k+1)
+        mask[:, -1] = text_keep.long()
+        return h, mask
+
+
+def build_fusion(fusion: FusionName, dim: int, image_tokens: int = 1) -> nn.Module:
+    """The fusion module named ``fusion``; an unknown name fails with the names that exist."""
+    builders = {"add": AddFusion, "concat": lambda: ConcatFusion(dim, image_tokens)}
+    if fusion not in builders:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of: {', '.join(builders)}")
+    return builders[fusion]()
+
+
+class Denoiser(nn.Module):
+    """DistilBERT x_0 predictor conditioned on CLIP features (see the module docstring).
+
+    Args:
+        mlm: the DistilBERT masked LM whose body and ``vocab_transform``/``vocab_layer_norm``
+            head are used (its word embeddings and projector are the decoder's, frozen).
+        feature_dim: D_clip, CLIP feature size.
+        steps: T, for the timestep embedding.
+        fusion: ``"add"`` or ``"concat"``.
+        time_embedding: add ``MLP_t(sinusoid(t))`` to every position.
+        self_conditioning: add ``W_sc x0_prev`` (zero-initialised) to the input.
+        text_condition: have a text-feature slot (classifier-free guidance).
+        zero_init: start the timestep MLP's last layer at zero (for a pretrained body).
+        image_tokens: k, CLIP image tokens in ``concat`` fusion (a k-token prefix, as ClipCap).
+    """
+
+    def __init__(
+        self,
+        mlm: DistilBertForMaskedLM,
+        feature_dim: int,
+        steps: int,
+        fusion: FusionName = "concat",
+        time_embedding: bool = True,
+        self_conditioning: bool = False,
+        text_condition: bool = True,
+        zero_init: bool = False,
+        image_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        self.mlm = mlm
+        dim = mlm.config.dim
+        self.dim = dim
+        self.image_proj = FeatureProjection(feature_dim, dim, image_tokens)
+        self.text_proj = FeatureProjection(feature_dim, dim) if text_condition else None
+        self.time_embed = TimestepEmbedding(dim, steps, zero_init) if time_embedding else None
+        if self_conditioning:
+            self.self_cond_proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.self_cond_proj.weight)
+            nn.init.zeros_(self.self_cond_proj.bias)
+        else:
+            self.self_cond_proj = None
+        if image_tokens < 1 or (fusion == "add" and image_tokens != 1):
+            raise ValueError(f"image_tokens must be >= 1 (and 1 with add fusion), got {image_tokens}")
+        self.fusion = build_fusion(fusion, dim, image_tokens)
+        positions = mlm.config.max_position_embeddings
+        self.max_tokens = positions - self.fusion.extra_tokens
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        image: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_keep: torch.Tensor | None = None,
+        self_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t (B, L, D), t (B,) or (B, L), image (B, D_clip), text (B, D_clip) or None, text_keep (B,)
+        bool (which rows see their text feature), self_cond (B, L, D) or None -> x0_hat (B, L, D)."""
+        batch, length, _ = x_t.shape
+        h = x_t  # (B, L, D)
+        if self.self_cond_proj is not None and self_cond is not None:
+            h = h + self.self_cond_proj(self_cond)  # (B, L, D)
+        if self.time_embed is not None:
+            if t.dim() == 1:
+                h = h + self.time_embed(t)[:, None]  # (B, L, D)
+            else:  # one timestep per position
+                h = h + self.time_embed(t.flatten()).view(batch, length, -1)  # (B, L, D)
+        image_h = self.image_proj(image)  # (B, k, D)
+        text_h = None
+        if self.text_proj is not None and text is not None:
+            text_h = self.text_proj(text)  # (B, 1, D)
+        if text_keep is None:
+            text_keep = torch.ones(batch, dtype=torch.bool, device=x_t.device)
+        h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L')
+        hidden = self.mlm.distilbert(inputs_embeds=h, attention_mask=mask).last_hidden_state
+        hidden = hidden[:, :length]  # (B, L, D)
+        out = self.mlm.activation(self.mlm.vocab_transform(hidden))  # (B, L, D)
+        return self.mlm.vocab_layer_norm(out)  # (B, L, D)
