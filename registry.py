@@ -20,6 +20,7 @@ import importlib.metadata
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -117,6 +118,20 @@ class CaptionDecoder(nn.Module, Registrable):
     @torch.no_grad()
     def generate(self, features: torch.Tensor, **options: Any) -> list[str]:
         raise NotImplementedError
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode inside the block, the previous mode restored after it. Already in eval mode
+        (the usual case at inference) nothing is toggled: ``train()`` walks every submodule,
+        which costs more than a tiny decoder's forward pass at batch 1."""
+        if not self.training:
+            yield
+            return
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train()
 
     def save_pretrained(self, directory: str | Path) -> None:
         from diffusion_captioner.checkpoint import save_decoder

@@ -504,14 +504,10 @@ class ClipCapDecoder(CaptionDecoder):
             )
         if features.shape[0] == 0:
             return []
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             prefix = self.prefix_embeddings(features)  # (B, k, E)
             if int(num_beams) <= 1:
                 ids = self._greedy(prefix, max_new)  # (B, t)
             else:
                 ids = self._beam_search(prefix, int(num_beams), max_new, float(length_penalty))
-        finally:
-            self.train(was_training)
         return self.decode(ids)

@@ -538,9 +538,7 @@ class MNICDecoder(CaptionDecoder):
             raise ValueError(f"mnic: steps must be >= 1, got {steps}")
         if features.shape[0] == 0:
             return []
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             batch = features.shape[0]
             lengths = self.predict_lengths(features, length_beam)  # (B, l)
             beam = lengths.shape[1]
@@ -550,8 +548,6 @@ class MNICDecoder(CaptionDecoder):
             choice = mean_logp.view(batch, beam).argmax(dim=1)  # (B,)
             rows = torch.arange(batch, device=self.device) * beam + choice  # (B,)
             captions_per_pass = [self.decode(tokens[rows]) for tokens in history]  # K x B
-        finally:
-            self.train(was_training)
         if return_trajectory:
             return [list(trajectory) for trajectory in zip(*captions_per_pass, strict=True)]
         return captions_per_pass[-1]

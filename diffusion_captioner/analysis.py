@@ -15,7 +15,7 @@ from PIL import Image
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.inference import load_run
 from eval.significance import paired_bootstrap, paired_scores
-from eval.speed import benchmark_decoder, crossover_batch
+from eval.speed import benchmark_decoder, crossover_batch, speed_contrast
 from registry import CaptionDecoder, build
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,10 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     """Time every decoder side by side in this process on the same ``features`` (N, D).
 
     Returns ``{"threads", "device", "repeats", "decoders": {name: rows}, "crossover": {name:
-    batch}}``; crossover is the batch size from which the faster of a decoder and the first
-    decoder (both at their default options) changes.
+    batch}, "contrast": {name: ...}}``; crossover is the batch size from which the faster of a
+    decoder and the first decoder (both at their default options) changes, contrast adds the
+    latency ratio at batch 1 and the throughput ratio at the largest batch
+    (:func:`~eval.speed.speed_contrast`).
     """
     features = features[torch.arange(max(batch_sizes)) % len(features)]  # (max_batch, D)
     rows = {}
@@ -82,14 +84,23 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
         "decoders": rows,
         "crossover": {n: crossover_batch(default_rows[names[0]], default_rows[n])
                       for n in names[1:]},
+        "contrast": {n: speed_contrast(default_rows[names[0]], default_rows[n])
+                     for n in names[1:]},
     }
 
 
-def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
-    """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``."""
+def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
+              threads: int | None = None) -> dict[str, Any]:
+    """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``.
+
+    ``threads`` defaults to the thread count the run was made with, so the figures match its
+    report."""
     run = Path(run)
     loaded = load_run(run, device=device)
     config = json.loads((run / "config.json").read_text())
+    threads = threads if threads is not None else config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     features = test_features(config, loaded.encoder).features  # (N, D)
     result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats)
     (run / "speed.json").write_text(json.dumps(result, indent=2))

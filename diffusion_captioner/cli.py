@@ -166,13 +166,16 @@ class Commands:
         print(f"run folder: {out_dir}")
         del metrics
 
-    def bench(self, run: str, device: str = "cpu", repeats: int = 5,
+    def bench(self, run: str, device: str = "cpu", repeats: int = 5, threads: int | None = None,
               include_package: Any = None) -> None:
-        """Time every decoder of a `compare` run side by side (batch 1..64, every step count)."""
+        """Time every decoder of a `compare` run side by side (batch 1..64, every step count).
+
+        --threads defaults to the run's own (config.json), so the figures match its report."""
         from diffusion_captioner.analysis import bench_run
+        from eval.speed import describe_contrast
 
         _include(include_package)
-        speed = bench_run(run, device=device, repeats=repeats)
+        speed = bench_run(run, device=device, repeats=repeats, threads=threads)
         print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}")
         print(f"{'decoder':<12} {'options':<16} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
         for name, rows in speed["decoders"].items():
@@ -180,8 +183,9 @@ class Commands:
                 options = ",".join(f"{k}={v}" for k, v in row["options"].items()) or "default"
                 print(f"{name:<12} {options:<16} {row['batch']:>5} {row['ms_per_caption']:>11.2f} "
                       f"{row['captions_per_second']:>11.1f}")
-        for name, batch in speed["crossover"].items():
-            print(f"throughput crossover {name} vs first decoder: {batch or 'none'}")
+        first = next(iter(speed["decoders"]))
+        for name, contrast in speed["contrast"].items():
+            print(describe_contrast(first, name, contrast))
         print(f"written to {Path(run) / 'speed.json'}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.plots import step_curves
+from eval.speed import describe_contrast
 
 REPORT_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -134,11 +135,15 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                   f"Medians of {speed['repeats']} timed runs after warm-up, all decoders in one "
                   f"process on `{speed['device']}` with {speed['threads']} thread(s), the same "
                   "test features."]
+        first = list(speed.get("decoders", decoders))[0]
         for name, batch in speed.get("crossover", {}).items():
-            first = list(decoders)[0]
-            lines.append(f"- throughput of {name} vs {first}: "
-                         + (f"the faster one changes at batch {batch}." if batch else
-                            "the faster one is the same at every batch size measured."))
+            contrast = speed.get("contrast", {}).get(name)
+            if contrast:
+                lines.append(f"- {describe_contrast(first, name, contrast)}")
+            else:  # speed.json from before contrasts were recorded
+                lines.append(f"- throughput of {name} vs {first}: "
+                             + (f"the faster one changes at batch {batch}." if batch else
+                                "the faster one is the same at every batch size measured."))
         lines.append("")
 
     plots = [(title, name) for title, name in (

@@ -69,3 +69,39 @@ def crossover_batch(first: list[dict[str, Any]], second: list[dict[str, Any]]) -
         if (a[batch] >= b[batch]) != leader:
             return batch
     return None
+
+
+def speed_contrast(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[str, Any]:
+    """``second`` against ``first`` (rows of one options setting each): the latency ratio
+    ``ms(second) / ms(first)`` at the smallest shared batch, the throughput ratio
+    ``captions/s(second) / captions/s(first)`` at the largest, and :func:`crossover_batch`.
+    Empty when they share no batch size."""
+    a = {r["batch"]: r for r in first}
+    b = {r["batch"]: r for r in second}
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return {}
+    small, large = shared[0], shared[-1]
+    return {
+        "small_batch": small, "large_batch": large,
+        "latency_ratio": b[small]["ms_per_caption"] / a[small]["ms_per_caption"],
+        "throughput_ratio": b[large]["captions_per_second"] / a[large]["captions_per_second"],
+        "crossover": crossover_batch(first, second),
+    }
+
+
+def describe_contrast(first: str, second: str, contrast: dict[str, Any]) -> str:
+    """One line for a report: who is faster at batch 1 and at the largest batch, by how much,
+    and the batch size where that changes."""
+    if not contrast:
+        return f"{second} vs {first}: no shared batch size"
+    ratio = contrast["latency_ratio"]
+    at_small = (f"at batch {contrast['small_batch']} {second} takes {ratio:.2f}x the latency of "
+                f"{first}")
+    throughput = contrast["throughput_ratio"]
+    at_large = (f"at batch {contrast['large_batch']} it has {throughput:.2f}x {first}'s "
+                "throughput")
+    flips = contrast["crossover"]
+    change = (f"the faster one changes at batch {flips}" if flips else
+              f"{first if ratio > 1 else second} is faster at every batch size measured")
+    return f"{second} vs {first}: {at_small}; {at_large}; {change}."

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from eval.caption_stats import caption_statistics
 from eval.clipscore import clip_scores, score_with_encoder
 from eval.significance import paired_bootstrap, paired_scores
-from eval.speed import crossover_batch, median_seconds
+from eval.speed import crossover_batch, describe_contrast, median_seconds, speed_contrast
 
 
 def test_identical_systems_give_an_interval_around_zero():
@@ -91,3 +91,24 @@ def test_crossover_and_median():
     calls = []
     assert median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
+
+
+def test_speed_contrast_names_the_faster_decoder_and_the_ratios():
+    def rows(ms_at_1, per_caption_at_64):
+        return [{"batch": 1, "ms_per_caption": ms_at_1, "captions_per_second": 1000 / ms_at_1},
+                {"batch": 64, "ms_per_caption": per_caption_at_64,
+                 "captions_per_second": 1000 / per_caption_at_64}]
+
+    autoregressive, diffusion = rows(6.0, 0.5), rows(12.0, 2.0)
+    contrast = speed_contrast(autoregressive, diffusion)
+    assert contrast["latency_ratio"] == pytest.approx(2.0)
+    assert contrast["throughput_ratio"] == pytest.approx(0.25)
+    assert contrast["crossover"] is None
+    line = describe_contrast("clipcap", "diffusion", contrast)
+    assert "2.00x the latency" in line and "0.25x clipcap's throughput" in line
+    assert "clipcap is faster at every batch size" in line
+
+    flips = speed_contrast(autoregressive, rows(3.0, 1.0))  # faster alone, slower in bulk
+    assert flips["latency_ratio"] == pytest.approx(0.5) and flips["crossover"] == 64
+    assert "changes at batch 64" in describe_contrast("clipcap", "fast", flips)
+    assert speed_contrast(autoregressive, []) == {}

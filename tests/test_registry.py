@@ -130,3 +130,26 @@ def test_clean_registry_restores(clean_registry):
 
     assert "temporary_fake" in Registrable._registry[CaptionDecoder]
     assert before <= set(Registrable._registry[CaptionDecoder])
+
+
+def test_evaluating_switches_to_eval_and_restores_only_what_it_changed():
+    import torch
+
+    from registry import CaptionDecoder
+
+    decoder = CaptionDecoder()
+    decoder.head = torch.nn.Dropout(0.5)
+    with decoder.evaluating():
+        assert not decoder.training and not decoder.head.training
+    assert decoder.training and decoder.head.training  # training mode restored
+
+    decoder.eval()
+    decoder.head.train()  # a caller's deliberate mix: evaluating() leaves an eval decoder alone
+    with decoder.evaluating():
+        assert not decoder.training and decoder.head.training
+    assert not decoder.training and decoder.head.training
+
+    decoder.train()
+    with pytest.raises(RuntimeError), decoder.evaluating():
+        raise RuntimeError("generation failed")
+    assert decoder.training  # restored even when the block raises

@@ -40,6 +40,9 @@ def run_metrics() -> dict:
                                        "Bleu_4": {"difference": -0.06, "low": -0.1, "high": 0.01,
                                                   "significant": False, "images": 4}}},
         "speed": {"threads": 1, "device": "cpu", "repeats": 3, "crossover": {"iterative": 16},
+                  "contrast": {"iterative": {"small_batch": 1, "large_batch": 64,
+                                             "latency_ratio": 0.4, "throughput_ratio": 2.5,
+                                             "crossover": 16}},
                   "decoders": {"clipcap": speed_rows(10.0),
                                "iterative": speed_rows(4.0, 5) + speed_rows(1.0, 1)}},
         "examples": [{"image_id": 7, "image": "examples/7.png", "references": ["a red circle"],
@@ -59,6 +62,7 @@ def test_markdown_report_answers_the_questions(tmp_path):
     assert "| iterative | 10 | 2.900 |" in report
     assert "SPICE skipped: no CoreNLP" in report
     assert "the faster one changes at batch 16" in report
+    assert "iterative vs clipcap: at batch 1 iterative takes 0.40x the latency of clipcap" in report
     assert "1. a a" in report and "2. a red circle" in report
     assert "repeated" in report and "10.0%" in report
     linked = re.findall(r"\]\(([^)]+\.png)\)", report)

@@ -354,10 +354,12 @@ class DiffusionDecoder(CaptionDecoder):
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                 text: torch.Tensor | None = None, text_keep: torch.Tensor | None = None,
-                self_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x0_hat (B, L, E) from x_t (B, L, E) at timesteps t (B,) or (B, L) (inputs scaled by c_in)."""
+                self_cond: torch.Tensor | None = None,
+                projected: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """x0_hat (B, L, E) from x_t (B, L, E) at timesteps t (B,) or (B, L) (inputs scaled by c_in);
+        ``projected``: the denoiser's projections of ``image`` and ``text``, if already made."""
         x_in = x_t * self._input_scale(t, x_t)  # (B, L, E)
-        return self.denoiser(x_in, t, image, text, text_keep, self_cond)  # (B, L, E)
+        return self.denoiser(x_in, t, image, text, text_keep, self_cond, projected)  # (B, L, E)
 
     # ---------------------------------------------------------------- training
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -475,16 +477,20 @@ class DiffusionDecoder(CaptionDecoder):
     # ---------------------------------------------------------------- generation
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,
-                   self_cond: torch.Tensor | None) -> torch.Tensor:
+                   self_cond: torch.Tensor | None,
+                   projected: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                   ) -> torch.Tensor:
         """``(1 + w) f(x_t, z_img, z_txt_hat) - w f(x_t, z_img, -)``; f(., z_img, -) without a
-        text slot (or with no text prior)."""
+        text slot (or with no text prior). ``projected``: :meth:`Denoiser.project` of image and
+        text, made once per ``generate`` rather than once per step."""
+        projected = self.denoiser.project(image, text) if projected is None else projected
         if text is None:
-            return self.denoise(x_t, t, image, None, None, self_cond)
+            return self.denoise(x_t, t, image, None, None, self_cond, projected)
         keep = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
-        cond = self.denoise(x_t, t, image, text, keep, self_cond)  # (B, L, E)
+        cond = self.denoise(x_t, t, image, text, keep, self_cond, projected)  # (B, L, E)
         if guidance == 0:
             return cond
-        uncond = self.denoise(x_t, t, image, text, ~keep, self_cond)  # (B, L, E)
+        uncond = self.denoise(x_t, t, image, text, ~keep, self_cond, projected)  # (B, L, E)
         return (1 + guidance) * cond - guidance * uncond
 
     def _refine_inputs(self, x0_hat: torch.Tensor, table: torch.Tensor, done: int, total: int,
@@ -563,11 +569,10 @@ class DiffusionDecoder(CaptionDecoder):
         batch = features.shape[0]
         if batch == 0:
             return []
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             image = self._features(features)  # (B, D)
             text = self._prior(image) if self.text_prior is not None else None
+            projected = self.denoiser.project(image, text)  # the same for every step
             generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             shape = (batch, self.max_length, self.word_embeddings.shape[1])
 
@@ -592,7 +597,7 @@ class DiffusionDecoder(CaptionDecoder):
                 if suffix is not None:
                     x_t = torch.where(suffix[..., None], clean_suffix, x_t)  # (B, L, E)
                     t = torch.where(suffix, 0, t if t.dim() == 2 else t[:, None].expand_as(suffix))
-                x0_hat = self._guided_x0(x_t, t, image, text, w, previous)  # (B, L, E)
+                x0_hat = self._guided_x0(x_t, t, image, text, w, previous, projected)  # (B, L, E)
                 if return_trajectory:
                     step_ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
                     if suffix is not None:
@@ -613,8 +618,6 @@ class DiffusionDecoder(CaptionDecoder):
             ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
             if suffix is not None:
                 ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
-        finally:
-            self.train(was_training)
         if return_trajectory:
             return [list(captions) for captions in zip(*trajectory, strict=True)]
         return self.decode(ids)

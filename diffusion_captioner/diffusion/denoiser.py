@@ -114,6 +114,12 @@ class TimestepEmbedding(nn.Module):
             nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) timesteps -> (N, D); the MLP runs once per distinct timestep (sampling uses a
+        handful: the K timesteps, or 0 and T in the refine sampler)."""
+        distinct, index = torch.unique(t, return_inverse=True)  # (U,), (N,)
+        return self._embed(distinct)[index]  # (N, D)
+
+    def _embed(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         frequencies = torch.exp(
             -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
@@ -232,6 +238,16 @@ class Denoiser(nn.Module):
         positions = mlm.config.max_position_embeddings
         self.max_tokens = positions - self.fusion.extra_tokens
 
+    def project(self, image: torch.Tensor, text: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP features -> the fusion's tokens: image (B, D_clip) -> (B, k, D); text (B, D_clip)
+        -> (B, 1, D), or None without a text slot or text."""
+        image_h = self.image_proj(image)  # (B, k, D)
+        text_h = None
+        if self.text_proj is not None and text is not None:
+            text_h = self.text_proj(text)  # (B, 1, D)
+        return image_h, text_h
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -240,9 +256,14 @@ class Denoiser(nn.Module):
         text: torch.Tensor | None = None,
         text_keep: torch.Tensor | None = None,
         self_cond: torch.Tensor | None = None,
+        projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """x_t (B, L, D), t (B,) or (B, L), image (B, D_clip), text (B, D_clip) or None, text_keep (B,)
-        bool (which rows see their text feature), self_cond (B, L, D) or None -> x0_hat (B, L, D)."""
+        bool (which rows see their text feature), self_cond (B, L, D) or None -> x0_hat (B, L, D).
+
+        ``projected``: :meth:`project`'s output for these image and text features, reused across
+        sampling steps instead of projecting them again.
+        """
         batch, length, _ = x_t.shape
         h = x_t  # (B, L, D)
         if self.self_cond_proj is not None and self_cond is not None:
@@ -252,10 +273,7 @@ class Denoiser(nn.Module):
                 h = h + self.time_embed(t)[:, None]  # (B, L, D)
             else:  # one timestep per position
                 h = h + self.time_embed(t.flatten()).view(batch, length, -1)  # (B, L, D)
-        image_h = self.image_proj(image)  # (B, k, D)
-        text_h = None
-        if self.text_proj is not None and text is not None:
-            text_h = self.text_proj(text)  # (B, 1, D)
+        image_h, text_h = projected if projected is not None else self.project(image, text)
         if text_keep is None:
             text_keep = torch.ones(batch, dtype=torch.bool, device=x_t.device)
         h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L')
