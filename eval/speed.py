@@ -74,8 +74,9 @@ def crossover_batch(first: list[dict[str, Any]], second: list[dict[str, Any]]) -
 def speed_contrast(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[str, Any]:
     """``second`` against ``first`` (rows of one options setting each): the latency ratio
     ``ms(second) / ms(first)`` at the smallest shared batch, the throughput ratio
-    ``captions/s(second) / captions/s(first)`` at the largest, and :func:`crossover_batch`.
-    Empty when they share no batch size."""
+    ``captions/s(second) / captions/s(first)`` at the largest, :func:`crossover_batch`, and the
+    batch sizes at which ``second`` has the higher throughput. Empty when they share no batch
+    size."""
     a = {r["batch"]: r for r in first}
     b = {r["batch"]: r for r in second}
     shared = sorted(set(a) & set(b))
@@ -87,12 +88,15 @@ def speed_contrast(first: list[dict[str, Any]], second: list[dict[str, Any]]) ->
         "latency_ratio": b[small]["ms_per_caption"] / a[small]["ms_per_caption"],
         "throughput_ratio": b[large]["captions_per_second"] / a[large]["captions_per_second"],
         "crossover": crossover_batch(first, second),
+        "second_faster_at": [n for n in shared
+                             if b[n]["captions_per_second"] > a[n]["captions_per_second"]],
+        "batches": shared,
     }
 
 
 def describe_contrast(first: str, second: str, contrast: dict[str, Any]) -> str:
-    """One line for a report: who is faster at batch 1 and at the largest batch, by how much,
-    and the batch size where that changes."""
+    """One line for a report: the latency ratio at batch 1, the throughput ratio at the largest
+    batch, and at which batch sizes each decoder is the faster."""
     if not contrast:
         return f"{second} vs {first}: no shared batch size"
     ratio = contrast["latency_ratio"]
@@ -101,7 +105,21 @@ def describe_contrast(first: str, second: str, contrast: dict[str, Any]) -> str:
     throughput = contrast["throughput_ratio"]
     at_large = (f"at batch {contrast['large_batch']} it has {throughput:.2f}x {first}'s "
                 "throughput")
-    flips = contrast["crossover"]
-    change = (f"the faster one changes at batch {flips}" if flips else
-              f"{first if ratio > 1 else second} is faster at every batch size measured")
+    faster = contrast.get("second_faster_at")
+    if faster is None:  # a contrast recorded before the per-batch list
+        flips = contrast["crossover"]
+        change = (f"the faster one changes at batch {flips}" if flips else
+                  f"{first if ratio > 1 else second} is faster at every batch size measured")
+    elif not faster or len(faster) == len(contrast["batches"]):
+        change = f"{second if faster else first} is faster at every batch size measured"
+    else:
+        slower = [n for n in contrast["batches"] if n not in faster]
+        change = (f"{second} is faster at batch {_and(faster)}, {first} at batch "
+                  f"{_and(slower)}")
     return f"{second} vs {first}: {at_small}; {at_large}; {change}."
+
+
+def _and(numbers: Sequence[int]) -> str:
+    """``[1]`` -> "1", ``[1, 4, 16]`` -> "1, 4 and 16"."""
+    words = [str(n) for n in numbers]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

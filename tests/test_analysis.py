@@ -110,5 +110,6 @@ def test_speed_contrast_names_the_faster_decoder_and_the_ratios():
 
     flips = speed_contrast(autoregressive, rows(3.0, 1.0))  # faster alone, slower in bulk
     assert flips["latency_ratio"] == pytest.approx(0.5) and flips["crossover"] == 64
-    assert "changes at batch 64" in describe_contrast("clipcap", "fast", flips)
+    assert flips["second_faster_at"] == [1]
+    assert "fast is faster at batch 1, clipcap at batch 64" in describe_contrast("clipcap", "fast", flips)
     assert speed_contrast(autoregressive, []) == {}

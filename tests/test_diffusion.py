@@ -333,6 +333,10 @@ def test_paper_preset_builds_against_a_stand_in_distilbert(stand_in_distilbert, 
     plan = decoder_plan(load_preset("paper"), "diffusion")
     assert plan["decoder"]["lm"] == "distilbert-base-uncased"
     assert load_preset("paper")["encoder"] == "ViT-B-32:openai"
+    # one preset for `dcap compare --decoders diffusion,clipcap,mnic --preset paper`
+    assert decoder_plan(load_preset("paper"), "clipcap") == decoder_plan(
+        load_preset("clipcap-paper"), "clipcap")
+    assert decoder_plan(load_preset("paper"), "mnic")["decoder"]["lm"] == "bert-base-uncased"
     assert plan["train"]["lr"] == 1e-4 and plan["train"]["lr_schedule"] == "constant"
     config = {**plan["decoder"], "lm": str(directory)}
     decoder = build("decoder", config, feature_dim=FEATURE_DIM)

@@ -42,7 +42,8 @@ def run_metrics() -> dict:
         "speed": {"threads": 1, "device": "cpu", "repeats": 3, "crossover": {"iterative": 16},
                   "contrast": {"iterative": {"small_batch": 1, "large_batch": 64,
                                              "latency_ratio": 0.4, "throughput_ratio": 2.5,
-                                             "crossover": 16}},
+                                             "crossover": 16, "batches": [1, 4, 16, 64],
+                                             "second_faster_at": [1, 4]}},
                   "decoders": {"clipcap": speed_rows(10.0),
                                "iterative": speed_rows(4.0, 5) + speed_rows(1.0, 1)}},
         "examples": [{"image_id": 7, "image": "examples/7.png", "references": ["a red circle"],
@@ -61,7 +62,7 @@ def test_markdown_report_answers_the_questions(tmp_path):
     assert "| clipcap |" in report and "| iterative |" in report
     assert "| iterative | 10 | 2.900 |" in report
     assert "SPICE skipped: no CoreNLP" in report
-    assert "the faster one changes at batch 16" in report
+    assert "iterative is faster at batch 1 and 4, clipcap at batch 16 and 64" in report
     assert "iterative vs clipcap: at batch 1 iterative takes 0.40x the latency of clipcap" in report
     assert "1. a a" in report and "2. a red circle" in report
     assert "repeated" in report and "10.0%" in report
