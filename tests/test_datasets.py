@@ -147,7 +147,7 @@ def test_coco_annotation_file_split_argument_and_mapping(tmp_path):
     record = data.records("val")[0]
     assert record.image_id == photos[0]["id"] and record.captions == tuple(photos[0]["captions"])
     assert Path(record.image).is_file()
-    second = write_coco(tmp_path / "captions_train.json", [{**p, "id": p["id"] + 1} for p in photos[:2]])
+    second = write_coco(tmp_path / "captions_train.json", [{**p, "id": p["id"] + 10**6} for p in photos[:2]])
     both = build("dataset", {"type": "coco", "annotations": {"train": str(second), "test": str(file)},
                              "image_dir": str(tmp_path / "images")})
     assert len(both.records("train")) == 2 and len(both.records("test")) == 6
