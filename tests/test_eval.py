@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval import java_scorers
 from eval import metrics as metrics_module
 from eval.coco_format import (
     EvaluationInputError,
@@ -242,7 +243,7 @@ def test_spice_without_corenlp_is_skipped_and_never_downloads(
     spice_dir = tmp_path / "spice"
     (spice_dir / "lib").mkdir(parents=True)
     (spice_dir / "spice-1.0.jar").write_bytes(b"")
-    monkeypatch.setattr(metrics_module, "SPICE_DIR", spice_dir)
+    monkeypatch.setattr(java_scorers, "SPICE_DIR", spice_dir)
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("tried to download")
@@ -276,9 +277,9 @@ def test_spice_output_parsed_or_failure_reported(
     script = tmp_path / "fake_spice.py"
     script.write_text(FAKE_SPICE.format(mode=mode))
     monkeypatch.setattr(metrics_module, "spice_unavailable_reason", lambda: None)
-    monkeypatch.setattr(metrics_module, "SPICE_DIR", tmp_path)
+    monkeypatch.setattr(java_scorers, "SPICE_DIR", tmp_path)
     monkeypatch.setattr(
-        metrics_module,
+        java_scorers,
         "_spice_command",
         lambda java, in_file, out_file: [
             sys.executable,
