@@ -79,10 +79,31 @@ def clipscore_prompt(encoder_cfg: dict[str, Any]) -> str:
     return "" if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX) else "A photo depicts "
 
 
+def check_same_plan(folder: Path, plan: dict[str, Any]) -> None:
+    """Resuming must not mix settings: ``folder/plan.json`` records the decoder, train and
+    generate settings of the first run into ``folder``; a rerun with different ones fails in one
+    line naming the changed keys (a new ``--out`` starts afresh)."""
+    path = folder / "plan.json"
+    current = json.loads(json.dumps(plan, default=str))
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2))
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"{section}.{key}" for section in sorted(set(saved) | set(current))
+               for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
+               if saved.get(section, {}).get(key) != current.get(section, {}).get(key)]
+    if changed:
+        raise ValueError(
+            f"{folder} was made with other settings ({', '.join(changed)} differ from "
+            f"{path}); pass a new --out to train with these, or delete {folder}")
+
+
 def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
                 clip_prompt: str = "", progress: bool = True) -> dict[str, Any]:
     """Train, generate and score one decoder into ``out/<name>``; returns its summary."""
     folder = out / name
+    check_same_plan(folder, plan)
     if (folder / "summary.json").is_file():
         logger.info("%s: already trained and scored (%s)", name, folder / "summary.json")
         return json.loads((folder / "summary.json").read_text())

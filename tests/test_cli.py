@@ -91,6 +91,12 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     assert code == 0, err[-2000:]
     assert (out / "clipcap" / "train_log.jsonl").read_text() == before
 
+    # ... but never with other settings: one line naming what changed
+    changed = [*argv[:argv.index("--train") + 1], json.dumps({**TINY_TRAIN, "lr": 0.5}),
+               *argv[argv.index("--train") + 2:]]
+    code, _, err = run_cli(changed, capsys)
+    assert_one_line_error(code, err, "train.lr differ", "new --out")
+
 
 def test_evaluate_command_writes_metrics(tmp_path, capsys):
     from eval.coco_format import write_annotations, write_results

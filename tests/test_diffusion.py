@@ -87,9 +87,24 @@ def test_inference_timesteps_are_k_distinct_and_decreasing():
     for k in (2, 7, 20):
         steps = schedule.inference_timesteps(k)
         assert len(steps) == k and steps == sorted(set(steps), reverse=True) and steps[-1] >= 1
-    assert len(NoiseSchedule("cosine", 3).inference_timesteps(10)) == 3
+    with pytest.raises(ValueError, match="1..T = 1..3"):
+        NoiseSchedule("cosine", 3).inference_timesteps(10)
     with pytest.raises(ValueError):
         schedule.inference_timesteps(0)
+
+
+def test_implied_noise_is_zero_at_clean_positions():
+    """A committed (t = 0) position must not blow up DDIM's implied noise (1 / sqrt(1 - 1))."""
+    schedule = NoiseSchedule("cosine", 100)
+    x0_hat, x_t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t = torch.tensor([[0, 50, 100], [100, 0, 1]])  # (B, L): per-position timesteps
+    eps = schedule.predict_noise(x_t, x0_hat, t)  # (B, L, E)
+    assert torch.all(eps[t == 0] == 0)
+    abar = schedule.alpha_bar[50].float()
+    expected = (x_t[0, 1] - abar.sqrt() * x0_hat[0, 1]) / (1 - abar).sqrt()
+    assert torch.allclose(eps[0, 1], expected, atol=1e-5)
+    step = schedule.step(x0_hat, x_t, t, torch.zeros_like(t), "ddim")
+    assert step.abs().max() < 100
 
 
 def test_sampler_steps_recover_the_forward_process_from_a_perfect_prediction():
@@ -195,6 +210,33 @@ def test_dynamic_lambda_follows_the_loss_ratio(tmp_path):
     first, second = decoder.loss(fixed_batch()), decoder.loss(fixed_batch())
     assert float(first["rounding_lambda"]) == pytest.approx(decoder.config["rounding_weight"])
     assert torch.equal(first["loss"], second["loss"])
+
+
+def test_dynamic_lambda_survives_two_losses_before_one_backward(tmp_path):
+    decoder = build_tiny(tmp_path, dynamic_rounding=1.0)
+    total = decoder.loss(fixed_batch())["loss"] + decoder.loss(fixed_batch())["loss"]
+    total.backward()  # the second fill_ of the lambda buffer must not corrupt the first graph
+    assert all(p.grad is not None for p in decoder.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("seed", range(4))  # both branches: with and without the previous x0
+def test_every_trainable_parameter_gets_a_gradient_every_step(tmp_path, seed):
+    """DistributedDataParallel fails on a parameter left out of a step's graph (self-conditioning
+    skipped on half the steps used to leave its layer out)."""
+    decoder = build_tiny(tmp_path, self_conditioning=True, x1_loss=True, length_head=True,
+                         mixed_noise=0.5)
+    torch.manual_seed(seed)
+    decoder.loss(fixed_batch())["loss"].backward()
+    missing = [n for n, p in decoder.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_more_steps_than_timesteps_runs_t_steps_with_a_warning(tmp_path, caplog):
+    decoder = build_tiny(tmp_path, diffusion_steps=4)
+    with caplog.at_level("WARNING"):
+        trajectory = decoder.generate(fixed_batch()["features"][:1], steps=9,
+                                      return_trajectory=True)
+    assert len(trajectory[0]) == 4 and "running 4" in caplog.text
 
 
 def test_bad_options_fail_with_the_choices(tmp_path):

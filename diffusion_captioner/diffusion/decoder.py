@@ -140,8 +140,9 @@ class DiffusionDecoder(CaptionDecoder):
         normalize_features: L2-normalise the CLIP features first (to norm sqrt(D)).
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
-            q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t}. Teaches the denoiser to fill noisy positions
-            from cleaner ones, which the ``refine`` sampler relies on (0: one t per caption).
+            q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
+            denoiser to fill noisy positions from cleaner ones, which the ``refine`` sampler
+            relies on (0: one t per caption).
         length_head: predict the caption length n from the image (an MLP, cross-entropy part
             ``length``); half the training captions then see their end token and padding clean
             (t = 0), and generation commits the predicted end token and padding from the first
@@ -401,7 +402,7 @@ class DiffusionDecoder(CaptionDecoder):
             given = (uniform(batch_size) < 0.5)[:, None] & (positions[None] >= words[:, None])
             t = torch.where(given, 0, t if t.dim() == 2 else t[:, None].expand_as(ids))  # (B, L)
         x_t = self.schedule.q_sample(x0, t, gaussian(x0))  # (B, L, E)
-        self_cond = None
+        self_cond = None  # absent: the denoiser feeds zeros (Chen et al. 2022)
         if self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5):
             with torch.no_grad():
                 self_cond = self.denoise(x_t, t, image, text, keep).detach()  # (B, L, E)
@@ -425,6 +426,7 @@ class DiffusionDecoder(CaptionDecoder):
             if self.training:  # lambda = C * L_simple' / L_R, updated every step
                 ratio = (l_simple.detach() / l_rounding.detach().clamp(min=1e-8)).float()
                 self.rounding_lambda.fill_(self._config["dynamic_rounding"] * float(ratio))
+                weight = self.rounding_lambda.clone()  # the next fill_ must not touch this graph
             else:  # validation: the fixed weight, so losses of different steps compare
                 weight = torch.tensor(self._config["rounding_weight"], device=self.device)
         total = l_simple + weight * l_rounding
@@ -451,7 +453,7 @@ class DiffusionDecoder(CaptionDecoder):
         """(B,) caption timesteps -> (B, L): in a ``mixed_noise`` fraction of the captions each
         position is, with probability q ~ U(0, 1) (one q per caption), lowered to t' = 0 (clean,
         as the refine sampler's committed words) or, for half the captions, t' = floor(u t),
-        u ~ U(0, 1)."""
+        u ~ U(0, 1), i.e. t' in 0..t - 1."""
         batch = t.shape[0]
         mixed = uniform(batch) < self._config["mixed_noise"]  # (B,)
         q = uniform(batch)  # (B,)
@@ -538,7 +540,8 @@ class DiffusionDecoder(CaptionDecoder):
         """(B, D) features -> B captions by K-step diffusion sampling.
 
         Args:
-            steps: K, number of denoiser calls (default: the config's ``steps``).
+            steps: K, number of denoiser calls (default: the config's ``steps``); at most T
+                (a larger K runs T steps, with a warning).
             guidance: w, classifier-free guidance weight (needs ``text_condition``; doubles the
                 cost when non-zero).
             return_trajectory: return, per image, the caption after every step instead.
@@ -566,6 +569,13 @@ class DiffusionDecoder(CaptionDecoder):
             raise ValueError(f"unknown sampler {mode!r}; choose one of: {', '.join(SAMPLERS)}")
         if k < 1:
             raise ValueError(f"diffusion: steps must be >= 1, got {k}")
+        if k > self.schedule.steps:
+            logger.warning("diffusion: %d steps asked, the schedule has T = %d: running %d", k,
+                           self.schedule.steps, self.schedule.steps)
+            k = self.schedule.steps
+        if w != 0 and self.text_prior is None:
+            logger.warning("diffusion: guidance %.2f ignored: the model has no text condition "
+                           "(text_condition=False)", w)
         batch = features.shape[0]
         if batch == 0:
             return []

@@ -201,7 +201,8 @@ class Denoiser(nn.Module):
         steps: T, for the timestep embedding.
         fusion: ``"add"`` or ``"concat"``.
         time_embedding: add ``MLP_t(sinusoid(t))`` to every position.
-        self_conditioning: add ``W_sc x0_prev`` (zero-initialised) to the input.
+        self_conditioning: add ``W_sc x0_prev`` (zero-initialised; x0_prev = 0 when there is
+            none) to the input.
         text_condition: have a text-feature slot (classifier-free guidance).
         zero_init: start the timestep MLP's last layer at zero (for a pretrained body).
         image_tokens: k, CLIP image tokens in ``concat`` fusion (a k-token prefix, as ClipCap).
@@ -266,8 +267,10 @@ class Denoiser(nn.Module):
         """
         batch, length, _ = x_t.shape
         h = x_t  # (B, L, D)
-        if self.self_cond_proj is not None and self_cond is not None:
-            h = h + self.self_cond_proj(self_cond)  # (B, L, D)
+        if self.self_cond_proj is not None:  # no previous estimate: zeros (Chen et al. 2022),
+            # so the layer is in every graph (DDP requires each parameter to get a gradient)
+            previous = self_cond if self_cond is not None else torch.zeros_like(x_t)
+            h = h + self.self_cond_proj(previous)  # (B, L, D)
         if self.time_embed is not None:
             if t.dim() == 1:
                 h = h + self.time_embed(t)[:, None]  # (B, L, D)

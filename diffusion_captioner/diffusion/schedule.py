@@ -116,12 +116,11 @@ class NoiseSchedule:
         """K evenly spaced timesteps from T down, ``T, T - T/K, ..., T/K`` (K distinct, all >= 1).
 
         The sampler predicts x_0 at each and moves to the next; after the last the prediction
-        is the output.
+        is the output. K must be at most T.
         """
         k = int(num_steps)
-        if k < 1:
-            raise ValueError(f"inference needs at least 1 step, got {num_steps}")
-        k = min(k, self.steps)
+        if not 1 <= k <= self.steps:
+            raise ValueError(f"inference steps must be in 1..T = 1..{self.steps}, got {num_steps}")
         return [max(1, round(self.steps * (k - i) / k)) for i in range(k)]
 
     # ------------------------------------------------------------------ forward process
@@ -139,9 +138,11 @@ class NoiseSchedule:
 
     def predict_noise(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor
                       ) -> torch.Tensor:
-        """The noise implied by an x_0 prediction: ``(x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``."""
+        """The noise implied by an x_0 prediction: ``(x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``,
+        0 where t = 0 (a clean position carries no noise; dividing by ~0 would give ~1e6)."""
         abar = self.abar(t, x_t)  # (B, 1, ...)
-        return (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt().clamp(min=1e-6)
+        eps = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt().clamp(min=1e-6)
+        return torch.where(abar < 1, eps, torch.zeros_like(eps))  # (B, ...)
 
     # ------------------------------------------------------------------ reverse process
     def step(
