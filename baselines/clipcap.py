@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     PreTrainedModel,
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from diffusion_captioner.hub import hf_access
+from diffusion_captioner.language_models import build_language_model
 from diffusion_captioner.tokenization import load_tokenizer
 from registry import CaptionDecoder
 
@@ -154,36 +154,9 @@ def build_lm(
     for the names in :data:`OFFLINE_LM_CONFIGS`, the library default config with no download and
     the vocabulary sized to the tokenizer. ``overrides`` are applied last in both cases.
     """
-    overrides = dict(overrides or {})
-    if pretrained:
-        config = AutoConfig.from_pretrained(lm)
-        _update_config(config, overrides, lm)
-        logger.info("loading pretrained LM %s", lm)
-        model = AutoModelForCausalLM.from_pretrained(lm, config=config)
-    else:
-        from_file = Path(lm).expanduser().is_dir() or lm not in OFFLINE_LM_CONFIGS
-        config = AutoConfig.from_pretrained(lm) if from_file else OFFLINE_LM_CONFIGS[lm]()
-        if "vocab_size" not in overrides:
-            overrides["vocab_size"] = (
-                max(config.vocab_size, len(tokenizer)) if from_file else len(tokenizer)
-            )
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key)
-            if key not in overrides and value is not None:
-                overrides[key] = value
-        _update_config(config, overrides, lm)
-        logger.info("building LM %s with random weights (%s)", lm, config.model_type)
-        model = AutoModelForCausalLM.from_config(config)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model.float()
-
-
-def _update_config(config: Any, overrides: dict[str, Any], lm: str) -> None:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
-    if unknown:
-        raise ValueError(f"lm_config for {lm!r}: unknown {config.model_type} config keys {unknown}")
-    config.update(overrides)
+    return build_language_model(
+        lm, pretrained, overrides, tokenizer, AutoModelForCausalLM, OFFLINE_LM_CONFIGS,
+        token_ids=("bos_token_id", "eos_token_id", "pad_token_id"))
 
 
 def _reorder_cache(past: Any, index: torch.Tensor) -> Any:

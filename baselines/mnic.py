@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
@@ -45,6 +44,7 @@ from transformers import (
 )
 
 from diffusion_captioner.hub import hf_access
+from diffusion_captioner.language_models import build_language_model
 from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
 from registry import CaptionDecoder, ComponentError
 
@@ -161,34 +161,8 @@ def build_mlm(
     the names in :data:`OFFLINE_LM_CONFIGS`, the library default config with no download and the
     vocabulary sized to the tokenizer. ``overrides`` are applied last in both cases.
     """
-    overrides = dict(overrides or {})
-    if pretrained:
-        config = AutoConfig.from_pretrained(lm)
-        _update_config(config, overrides, lm)
-        logger.info("loading pretrained masked LM %s", lm)
-        model = AutoModelForMaskedLM.from_pretrained(lm, config=config)
-    else:
-        from_file = Path(lm).expanduser().is_dir() or lm not in OFFLINE_LM_CONFIGS
-        config = AutoConfig.from_pretrained(lm) if from_file else OFFLINE_LM_CONFIGS[lm]()
-        if "vocab_size" not in overrides:
-            overrides["vocab_size"] = (
-                max(config.vocab_size, len(tokenizer)) if from_file else len(tokenizer)
-            )
-        if "pad_token_id" not in overrides and hasattr(config, "pad_token_id"):
-            overrides["pad_token_id"] = tokenizer.pad_token_id
-        _update_config(config, overrides, lm)
-        logger.info("building masked LM %s with random weights (%s)", lm, config.model_type)
-        model = AutoModelForMaskedLM.from_config(config)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model.float()
-
-
-def _update_config(config: Any, overrides: dict[str, Any], lm: str) -> None:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
-    if unknown:
-        raise ValueError(f"lm_config for {lm!r}: unknown {config.model_type} config keys {unknown}")
-    config.update(overrides)
+    return build_language_model(
+        lm, pretrained, overrides, tokenizer, AutoModelForMaskedLM, OFFLINE_LM_CONFIGS)
 
 
 class FeatureProjection(nn.Module):

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
     DistilBertConfig,
     DistilBertForMaskedLM,
     PreTrainedTokenizerBase,
 )
+
+from diffusion_captioner.language_models import build_language_model
 
 logger = logging.getLogger(__name__)
 
@@ -58,38 +58,13 @@ def build_masked_lm(
     and head after loading, keeping only the pretrained word embeddings (the original code's
     choice). ``overrides`` are applied to the config in every case (e.g. a tiny size, dropout).
     """
-    overrides = dict(overrides or {})
-    if pretrained:
-        config = AutoConfig.from_pretrained(lm)
-        _update_config(config, overrides, lm)
-        logger.info("loading pretrained DistilBERT %s", lm)
-        model = DistilBertForMaskedLM.from_pretrained(lm, config=config)
-        if not body_pretrained:
-            model = _random_body_with_embeddings_of(model)
-    else:
-        from_file = Path(lm).expanduser().is_dir() or lm not in OFFLINE_LM_CONFIGS
-        config = AutoConfig.from_pretrained(lm) if from_file else OFFLINE_LM_CONFIGS[lm]()
-        if "vocab_size" not in overrides:
-            overrides["vocab_size"] = (
-                max(config.vocab_size, len(tokenizer)) if from_file else len(tokenizer)
-            )
-        if "pad_token_id" not in overrides and tokenizer.pad_token_id is not None:
-            overrides["pad_token_id"] = tokenizer.pad_token_id
-        _update_config(config, overrides, lm)
-        logger.info("building DistilBERT %s with random weights", lm)
-        model = DistilBertForMaskedLM(config)
+    model = build_language_model(lm, pretrained, overrides, tokenizer, DistilBertForMaskedLM,
+                                 OFFLINE_LM_CONFIGS, from_config=DistilBertForMaskedLM)
+    if pretrained and not body_pretrained:
+        model = _random_body_with_embeddings_of(model)
     if getattr(model.config, "model_type", None) != "distilbert":
         raise ValueError(f"diffusion: {lm!r} is a {model.config.model_type}, not a DistilBERT")
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model.float()
-
-
-def _update_config(config: Any, overrides: dict[str, Any], lm: str) -> None:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
-    if unknown:
-        raise ValueError(f"lm_config for {lm!r}: unknown {config.model_type} config keys {unknown}")
-    config.update(overrides)
+    return model
 
 
 def _random_body_with_embeddings_of(model: DistilBertForMaskedLM) -> DistilBertForMaskedLM:
