@@ -415,3 +415,31 @@ def test_embedded_preset_entry_builds(tmp_path):
     decoder = build("decoder", plan["decoder"], feature_dim=FEATURE_DIM)
     assert decoder.config["tokenizer"] == "embedded:shapes_words"
     assert len(decoder.generate(torch.randn(2, FEATURE_DIM), **plan["generate"])) == 2
+
+
+@pytest.mark.parametrize("done", [1, 2, 3, 4])
+def test_refine_renoises_the_least_confident_share_of_the_span(tmp_path, done):
+    """floor(n (K - k) / K) positions of the span restart at t = T, the rest are committed."""
+    from diffusion_captioner.diffusion.samplers import RefineSampler, SamplingRun, sampler_for
+
+    decoder = build_tiny(tmp_path)
+    batch, length = 3, decoder.max_length
+    x0_hat = torch.randn(batch, length, decoder.word_embeddings.shape[1])  # (B, L, E)
+    spans = torch.tensor([length, 5, 1])  # (B,)
+    table = decoder.diffusion_table()
+    run = SamplingRun(decoder, decoder.schedule.inference_timesteps(5), table, spans,
+                      lambda: torch.zeros_like(x0_hat))
+    x_t, t = RefineSampler().next_input(run, x0_hat, x0_hat, torch.full((batch,), 1), done)
+    noisy = t == decoder.schedule.steps  # (B, L)
+    assert noisy.sum(-1).tolist() == [int(n) * (5 - done) // 5 for n in spans]
+    for row, span in enumerate(spans.tolist()):
+        assert not noisy[row, span:].any()  # nothing after the span is re-noised
+        confidence = decoder.lm_logits(x0_hat[row]).softmax(-1).max(-1).values[:span]  # (n,)
+        if noisy[row].any() and not noisy[row, :span].all():  # re-noised = the least confident
+            assert confidence[noisy[row, :span]].max() <= confidence[~noisy[row, :span]].min()
+    committed = ~noisy  # committed positions hold their most probable word's clean vector
+    words = decoder.lm_logits(x0_hat).argmax(-1)  # (B, L)
+    assert torch.equal(x_t[committed], table[words][committed])
+    assert torch.all(x_t[noisy] == 0)  # the run's noise
+    with pytest.raises(ValueError, match="feed, ddim, renoise, refine"):
+        sampler_for("euler")

@@ -18,8 +18,8 @@ s), sums over positions and means over the batch (the original code's ``series_s
 the original), and ``lambda`` fixed or dynamic: ``lambda = C * L_simple' / L_R`` (detached) every step.
 
 Inference starts from x_T ~ N(0, temperature^2 I) and, at K evenly spaced timesteps, predicts x_0
-and steps to the next timestep (:class:`~diffusion_captioner.diffusion.schedule.NoiseSchedule.step`:
-fed straight back, DDIM, or re-noised), optionally clamping x0_hat to the nearest word embeddings;
+and moves to the next input with a sampler (:mod:`diffusion_captioner.diffusion.samplers`: x_0
+fed straight back, DDIM, re-noised, or refine), optionally clamping x0_hat to the nearest word embeddings;
 the last x0_hat goes through the LM head, each position takes its most probable word, and the caption
 ends at the first predicted end or pad token (no de-duplication).
 
@@ -63,12 +63,12 @@ from diffusion_captioner.diffusion.denoiser import (
     FusionName,
     build_masked_lm,
 )
-from diffusion_captioner.diffusion.schedule import (
-    STEP_MODES,
-    NoiseSchedule,
-    ScheduleName,
-    clamp_to_vocabulary,
+from diffusion_captioner.diffusion.samplers import (
+    SamplerName,
+    SamplingRun,
+    sampler_for,
 )
+from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
 from registry import CaptionDecoder
@@ -76,9 +76,6 @@ from registry import CaptionDecoder
 logger = logging.getLogger(__name__)
 
 RestoreLoss = Literal["mse", "l1"]
-#: The schedule's step modes, plus ``refine``: mask-predict in continuous form (below).
-Sampler = Literal["feed", "ddim", "renoise", "refine"]
-SAMPLERS: tuple[str, ...] = (*STEP_MODES, "refine")
 
 
 def _mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +179,7 @@ class DiffusionDecoder(CaptionDecoder):
         mixed_noise: float = 0.0,
         length_head: bool = False,
         steps: int = 5,
-        sampler: Sampler = "ddim",
+        sampler: SamplerName = "ddim",
         clamp: bool = False,
         guidance: float = 0.0,
         temperature: float = 1.0,
@@ -209,8 +206,7 @@ class DiffusionDecoder(CaptionDecoder):
         if restore_loss not in RESTORE_LOSSES:
             raise ValueError(f"unknown restore_loss {restore_loss!r}; choose one of: "
                              f"{', '.join(RESTORE_LOSSES)}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        sampler_for(sampler)  # an unknown name fails now, listing the samplers
         if max_length < 2:
             raise ValueError("diffusion: max_length must be >= 2 (a word and the end token)")
         if not 0.0 <= text_dropout <= 1.0:
@@ -495,35 +491,6 @@ class DiffusionDecoder(CaptionDecoder):
         uncond = self.denoise(x_t, t, image, text, ~keep, self_cond, projected)  # (B, L, E)
         return (1 + guidance) * cond - guidance * uncond
 
-    def _refine_inputs(self, x0_hat: torch.Tensor, table: torch.Tensor, done: int, total: int,
-                       noise: torch.Tensor, span: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs of refine step ``done + 1`` of ``total`` (mask-predict with a predicted length).
-
-        The caption's length n is where the first end/pad word is predicted; the positions after
-        it keep their (pad) words. Of the first n + 1 positions, the ``floor((n + 1) (total -
-        done) / total)`` least confident (max LM-head probability) restart from pure noise at
-        t = T; every other position is committed to its most probable word's clean embedding
-        (t = 0). A given ``span`` (B,) (the predicted lengths) replaces n + 1. Returns x_t
-        (B, L, E) and per-position timesteps (B, L).
-        """
-        batch, length, _ = x0_hat.shape
-        probabilities = self.lm_logits(x0_hat).float().softmax(-1)  # (B, L, V)
-        confidence, words = probabilities.max(-1)  # (B, L), (B, L)
-        stop = (words == self.end_token_id) | (words == self.pad_token_id)  # (B, L)
-        positions = torch.arange(length, device=x0_hat.device)  # (L,)
-        if span is None:
-            first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
-            span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
-        redo = span * (total - done) // total  # (B,)
-        inside = positions[None] < span[:, None]  # (B, L)
-        order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
-        rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
-        noisy = rank < redo[:, None]  # (B, L)
-        t = torch.where(noisy, self.schedule.steps, 0).long()  # (B, L)
-        committed = table[words]  # (B, L, E)
-        return torch.where(noisy[..., None], noise, committed), t
-
     @torch.no_grad()
     def generate(
         self,
@@ -531,7 +498,7 @@ class DiffusionDecoder(CaptionDecoder):
         steps: int | None = None,
         guidance: float | None = None,
         return_trajectory: bool = False,
-        sampler: Sampler | None = None,
+        sampler: SamplerName | None = None,
         clamp: bool | None = None,
         temperature: float | None = None,
         seed: int | None = 0,
@@ -546,7 +513,7 @@ class DiffusionDecoder(CaptionDecoder):
                 cost when non-zero).
             return_trajectory: return, per image, the caption after every step instead.
             sampler: ``"feed"``, ``"ddim"``, ``"renoise"`` or ``"refine"`` (default: the
-                config's); see the module docstring.
+                config's); see :mod:`diffusion_captioner.diffusion.samplers`.
             clamp: snap x0_hat to the nearest word embeddings between steps.
             temperature: scale of the starting (and re-noising) Gaussian noise.
             seed: seeds the noise (a private generator: deterministic, global RNG untouched);
@@ -565,8 +532,7 @@ class DiffusionDecoder(CaptionDecoder):
         mode = cfg["sampler"] if sampler is None else sampler
         snap = bool(cfg["clamp"] if clamp is None else clamp)
         tau = float(cfg["temperature"] if temperature is None else temperature)
-        if mode not in SAMPLERS:
-            raise ValueError(f"unknown sampler {mode!r}; choose one of: {', '.join(SAMPLERS)}")
+        stepper = sampler_for(mode)
         if k < 1:
             raise ValueError(f"diffusion: steps must be >= 1, got {k}")
         if k > self.schedule.steps:
@@ -589,7 +555,7 @@ class DiffusionDecoder(CaptionDecoder):
             def gaussian() -> torch.Tensor:
                 return torch.randn(shape, generator=generator).to(self.device, image.dtype) * tau
 
-            table = self.diffusion_table() if snap or mode == "refine" else None
+            table = self.diffusion_table() if snap or stepper.needs_table else None
             timesteps = self.schedule.inference_timesteps(k)
             x_t = gaussian()  # (B, L, E)
             t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
@@ -601,6 +567,7 @@ class DiffusionDecoder(CaptionDecoder):
                 suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
                                          self.pad_token_id)  # (B, L)
                 clean_suffix = self.embed(suffix_ids)  # (B, L, E)
+            run = SamplingRun(self, timesteps, table, lengths, gaussian)
             x0_hat, previous = x_t, None
             trajectory: list[list[str]] = []
             for i in range(len(timesteps)):
@@ -616,15 +583,7 @@ class DiffusionDecoder(CaptionDecoder):
                 if i + 1 == len(timesteps):
                     break
                 previous = x0_hat
-                if mode == "refine":
-                    x_t, t = self._refine_inputs(x0_hat, table, i + 1, len(timesteps), gaussian(),
-                                                 lengths)
-                    continue
-                target = clamp_to_vocabulary(x0_hat, table) if table is not None else x0_hat
-                t_next = torch.full_like(t, timesteps[i + 1])  # (B,)
-                noise = gaussian() if mode == "renoise" else None
-                x_t = self.schedule.step(target, x_t, t, t_next, mode, noise)  # (B, L, E)
-                t = t_next
+                x_t, t = stepper.next_input(run, x0_hat, x_t, t, i + 1)  # (B, L, E), (B[, L])
             ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
             if suffix is not None:
                 ids = torch.where(suffix, suffix_ids, ids)  # (B, L)

@@ -1,0 +1,141 @@
+"""K-step samplers: how the next denoiser input is made from the current x_0 prediction.
+
+``DiffusionDecoder.generate`` starts from x_T ~ N(0, tau^2 I) at the first of K timesteps
+``T = t_1 > t_2 > ... > t_K >= 1`` and calls the denoiser K times. Between call k and call k + 1
+a sampler turns the prediction x0_hat (B, L, E) into the next input (x_t, t):
+
+* ``feed``    -- x_next = x0_hat at t_{k+1} (the original CLIP-DiffusionLM code);
+* ``ddim``    -- deterministic DDIM: x_next = sqrt(abar') x0_hat + sqrt(1 - abar') eps_hat;
+* ``renoise`` -- x_next ~ q(x_{t_{k+1}} | x0_hat), fresh noise (LaDiC);
+* ``refine``  -- mask-predict in continuous form: with n the predicted span (words + end token),
+  the floor(n (K - k) / K) least confident positions (max LM-head probability) restart from
+  pure noise at t = T, every other position is committed to its most probable word's clean
+  embedding at t = 0 (needs a denoiser trained with ``mixed_noise`` > 0).
+
+The first three optionally snap x0_hat to the nearest word embedding first (``clamp``,
+Diffusion-LM). A sampler is a class registered in :data:`SAMPLERS` under its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+from diffusion_captioner.diffusion.schedule import StepMode, clamp_to_vocabulary
+
+if TYPE_CHECKING:
+    from diffusion_captioner.diffusion.decoder import DiffusionDecoder
+
+SamplerName = Literal["feed", "ddim", "renoise", "refine"]
+
+
+@dataclass
+class SamplingRun:
+    """What one ``generate`` call shares with its sampler.
+
+    Attributes:
+        decoder: the decoder (its schedule, LM head and special-token ids).
+        timesteps: the K timesteps, T first.
+        table: (V, E) word vectors in diffusion space, or None (no clamping, not refining).
+        lengths: (B,) predicted caption lengths (length head), or None.
+        noise: draws a fresh seeded N(0, tau^2 I) tensor shaped like x_t (B, L, E).
+    """
+
+    decoder: DiffusionDecoder
+    timesteps: list[int]
+    table: torch.Tensor | None
+    lengths: torch.Tensor | None
+    noise: Callable[[], torch.Tensor]
+
+
+class Sampler:
+    """Base class: ``next_input(run, x0_hat, x_t, t, done)`` gives the inputs of call ``done + 1``
+    after ``done`` calls (1 <= done < K)."""
+
+    name: ClassVar[str]
+    #: Whether the sampler needs the word-vector table even without clamping.
+    needs_table: ClassVar[bool] = False
+
+    def next_input(self, run: SamplingRun, x0_hat: torch.Tensor, x_t: torch.Tensor,
+                   t: torch.Tensor, done: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ScheduleStepSampler(Sampler):
+    """Moves to the next timestep with :meth:`NoiseSchedule.step` in its ``mode``."""
+
+    mode: ClassVar[StepMode]
+
+    def fresh_noise(self, run: SamplingRun) -> torch.Tensor | None:
+        return None
+
+    def next_input(self, run: SamplingRun, x0_hat: torch.Tensor, x_t: torch.Tensor,
+                   t: torch.Tensor, done: int) -> tuple[torch.Tensor, torch.Tensor]:
+        target = clamp_to_vocabulary(x0_hat, run.table) if run.table is not None else x0_hat
+        t_next = torch.full_like(t, run.timesteps[done])  # (B,) or (B, L)
+        noise = self.fresh_noise(run)
+        x_next = run.decoder.schedule.step(target, x_t, t, t_next, self.mode, noise)  # (B, L, E)
+        return x_next, t_next
+
+
+class FeedSampler(ScheduleStepSampler):
+    name, mode = "feed", "feed"
+
+
+class DDIMSampler(ScheduleStepSampler):
+    name, mode = "ddim", "ddim"
+
+
+class RenoiseSampler(ScheduleStepSampler):
+    name, mode = "renoise", "renoise"
+
+    def fresh_noise(self, run: SamplingRun) -> torch.Tensor:
+        return run.noise()  # (B, L, E)
+
+
+class RefineSampler(Sampler):
+    """Mask-predict in continuous form (see the module docstring)."""
+
+    name = "refine"
+    needs_table = True
+
+    def next_input(self, run: SamplingRun, x0_hat: torch.Tensor, x_t: torch.Tensor,
+                   t: torch.Tensor, done: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span n is the predicted lengths when given, else up to the first predicted
+        end/pad word (plus that word); positions after it keep their words. Returns x_t
+        (B, L, E) and per-position timesteps (B, L)."""
+        decoder, total = run.decoder, len(run.timesteps)
+        noise = run.noise()  # (B, L, E)
+        batch, length, _ = x0_hat.shape
+        probabilities = decoder.lm_logits(x0_hat).float().softmax(-1)  # (B, L, V)
+        confidence, words = probabilities.max(-1)  # (B, L), (B, L)
+        positions = torch.arange(length, device=x0_hat.device)  # (L,)
+        span = run.lengths
+        if span is None:
+            stop = (words == decoder.end_token_id) | (words == decoder.pad_token_id)  # (B, L)
+            first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
+            span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
+        redo = span * (total - done) // total  # (B,)
+        inside = positions[None] < span[:, None]  # (B, L)
+        order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
+        rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
+        noisy = rank < redo[:, None]  # (B, L)
+        t_next = torch.where(noisy, decoder.schedule.steps, 0).long()  # (B, L)
+        committed = run.table[words]  # (B, L, E)
+        return torch.where(noisy[..., None], noise, committed), t_next
+
+
+#: Every sampler by name.
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (FeedSampler, DDIMSampler, RenoiseSampler, RefineSampler)
+}
+
+
+def sampler_for(name: str) -> Sampler:
+    """The sampler called ``name``; an unknown name fails listing the ones that exist."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]()
