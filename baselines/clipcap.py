@@ -17,7 +17,6 @@ should work the same way.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,7 +30,7 @@ from transformers import (
 )
 
 from diffusion_captioner.hub import hf_access
-from diffusion_captioner.language_models import build_language_model
+from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
 from diffusion_captioner.tokenization import load_tokenizer
 from registry import CaptionDecoder
 
@@ -156,7 +155,7 @@ def build_lm(
     """
     return build_language_model(
         lm, pretrained, overrides, tokenizer, AutoModelForCausalLM, OFFLINE_LM_CONFIGS,
-        token_ids=("bos_token_id", "eos_token_id", "pad_token_id"))
+        token_ids=("bos_token_id", "eos_token_id", "pad_token_id"), what="causal LM")
 
 
 def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
@@ -171,7 +170,7 @@ def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
 # The decoder
 # --------------------------------------------------------------------------------------------
 @CaptionDecoder.register("clipcap")
-class ClipCapDecoder(CaptionDecoder):
+class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
     """ClipCap: CLIP prefix -> mapper -> GPT-2, autoregressive.
 
     ``p = F(z)`` (B, k, E) is the LM's input prefix; training minimises
@@ -236,9 +235,7 @@ class ClipCapDecoder(CaptionDecoder):
         tokenizer_name = tokenizer if tokenizer is not None else lm
         with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
             self.tokenizer = load_tokenizer(tokenizer_name)
-        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
-        with hf_access(str(lm), "causal LM", download=needs_hub):
-            self.lm = build_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
+        self.lm = build_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
         self.embed_dim = self.lm.get_input_embeddings().embedding_dim
         self.mapper = build_mapper(
             mapper,
@@ -262,23 +259,6 @@ class ClipCapDecoder(CaptionDecoder):
     @property
     def config(self) -> dict[str, Any]:
         return dict(self._config)
-
-    def save_extra(self, directory: str | Path) -> None:
-        """Tokenizer files to ``directory/tokenizer``, the LM config to ``directory/lm``."""
-        directory = Path(directory)
-        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
-        self.lm.config.save_pretrained(str(directory / "lm"))
-
-    @classmethod
-    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
-        """Rebuild from the checkpoint's own LM config and tokenizer: no network, no download."""
-        directory = Path(directory)
-        return {
-            "lm": str(directory / "lm"),
-            "lm_pretrained": False,
-            "lm_config": None,
-            "tokenizer": str(directory / "tokenizer"),
-        }
 
     def train(self, mode: bool = True) -> ClipCapDecoder:
         """As ``nn.Module.train``; a frozen LM stays in eval mode (no dropout), as in ClipCap."""

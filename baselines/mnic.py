@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from diffusion_captioner.hub import hf_access
-from diffusion_captioner.language_models import build_language_model
+from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
 from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
 from registry import CaptionDecoder, ComponentError
 
@@ -162,7 +162,8 @@ def build_mlm(
     vocabulary sized to the tokenizer. ``overrides`` are applied last in both cases.
     """
     return build_language_model(
-        lm, pretrained, overrides, tokenizer, AutoModelForMaskedLM, OFFLINE_LM_CONFIGS)
+        lm, pretrained, overrides, tokenizer, AutoModelForMaskedLM, OFFLINE_LM_CONFIGS,
+        what="masked LM")
 
 
 class FeatureProjection(nn.Module):
@@ -185,7 +186,7 @@ class FeatureProjection(nn.Module):
 # The decoder
 # --------------------------------------------------------------------------------------------
 @CaptionDecoder.register("mnic")
-class MNICDecoder(CaptionDecoder):
+class MNICDecoder(SavesLanguageModel, CaptionDecoder):
     """MNIC: image-conditioned BERT, masked non-autoregressive, mask-predict refinement.
 
     Training masks a random fraction r ~ U(0, 1] of the caption tokens and minimises the cross
@@ -262,9 +263,7 @@ class MNICDecoder(CaptionDecoder):
         tokenizer_name = tokenizer if tokenizer is not None else lm
         with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
             self.tokenizer = load_mlm_tokenizer(tokenizer_name)
-        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
-        with hf_access(str(lm), "masked LM", download=needs_hub):
-            self.lm = build_mlm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
+        self.lm = build_mlm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
         self.embed_dim = self.lm.get_input_embeddings().embedding_dim
         self.project = FeatureProjection(
             int(feature_dim), self.embed_dim, self.prefix_length if self.prefix_length else 1
@@ -297,23 +296,6 @@ class MNICDecoder(CaptionDecoder):
     @property
     def config(self) -> dict[str, Any]:
         return dict(self._config)
-
-    def save_extra(self, directory: str | Path) -> None:
-        """Tokenizer files to ``directory/tokenizer``, the LM config to ``directory/lm``."""
-        directory = Path(directory)
-        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
-        self.lm.config.save_pretrained(str(directory / "lm"))
-
-    @classmethod
-    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
-        """Rebuild from the checkpoint's own LM config and tokenizer: no network, no download."""
-        directory = Path(directory)
-        return {
-            "lm": str(directory / "lm"),
-            "lm_pretrained": False,
-            "lm_config": None,
-            "tokenizer": str(directory / "tokenizer"),
-        }
 
     # ---------------------------------------------------------------- pieces
     @property

@@ -11,7 +11,8 @@ DistilBERT in ``diffusion``) builds it the same way:
   the vocabulary sized to the tokenizer; the tokenizer's special-token ids fill the config's.
 
 ``overrides`` (a tiny size, dropout, ...) are applied last in both cases and must be keys the
-config has. The caller wraps the call in :func:`diffusion_captioner.hub.hf_access`.
+config has. Loading goes through :func:`diffusion_captioner.hub.hf_access`: offline and
+uncached, a hub name fails at once in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from diffusion_captioner.hub import hf_access
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +73,57 @@ def build_language_model(
     offline_configs: Mapping[str, type[PretrainedConfig]],
     token_ids: Sequence[str] = ("pad_token_id",),
     from_config: Callable[[PretrainedConfig], PreTrainedModel] | None = None,
+    what: str = "language model",
 ) -> PreTrainedModel:
     """``model_class`` (an ``Auto*`` class or a concrete one) over ``lm``, pretrained or random.
 
     ``from_config`` builds the random model (default ``model_class.from_config``, which concrete
-    classes lack: pass the class itself). The embeddings grow to the tokenizer if it is larger;
+    classes lack: pass the class itself). ``what`` names the model in errors ("causal LM",
+    ...). The embeddings grow to the tokenizer if it is larger;
     the model is returned in float32.
     """
     overrides = dict(overrides or {})
-    if pretrained:
-        config = AutoConfig.from_pretrained(lm)
-        update_config(config, overrides, lm)
-        logger.info("loading pretrained %s %s", config.model_type, lm)
-        model = model_class.from_pretrained(lm, config=config)
-    else:
-        config = random_weights_config(lm, offline_configs, tokenizer, overrides, token_ids)
-        logger.info("building %s %s with random weights", config.model_type, lm)
-        model = (from_config or model_class.from_config)(config)
+    needs_hub = pretrained or lm not in offline_configs  # else a built-in config: no file at all
+    with hf_access(lm, what, download=needs_hub):  # fails fast offline, never hangs
+        if pretrained:
+            config = AutoConfig.from_pretrained(lm)
+            update_config(config, overrides, lm)
+            logger.info("loading pretrained %s %s", config.model_type, lm)
+            model = model_class.from_pretrained(lm, config=config)
+        else:
+            config = random_weights_config(lm, offline_configs, tokenizer, overrides, token_ids)
+            logger.info("building %s %s with random weights", config.model_type, lm)
+            model = (from_config or model_class.from_config)(config)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model.float()
+
+
+class SavesLanguageModel:
+    """Checkpoint hooks for a decoder wrapping a transformers LM built by
+    :func:`build_language_model` from the constructor arguments ``lm``, ``lm_pretrained``,
+    ``lm_config`` and ``tokenizer``.
+
+    ``save_extra`` keeps the tokenizer files (``tokenizer/``) and the LM's config (``lm/``) beside
+    the weights; ``checkpoint_overrides`` rebuilds from them with random weights (then replaced by
+    the checkpoint's), so loading a checkpoint never needs the hub. The wrapped model is
+    ``self.lm`` unless a subclass overrides :meth:`wrapped_lm`.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def wrapped_lm(self) -> PreTrainedModel:
+        return self.lm  # type: ignore[attr-defined]
+
+    def save_extra(self, directory: str | Path) -> None:
+        """Tokenizer files to ``directory/tokenizer``, the LM config to ``directory/lm``."""
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self.wrapped_lm().config.save_pretrained(str(directory / "lm"))
+
+    @classmethod
+    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
+        """Rebuild from the checkpoint's own LM config and tokenizer: no network, no download."""
+        directory = Path(directory)
+        return {"lm": str(directory / "lm"), "lm_pretrained": False, "lm_config": None,
+                "tokenizer": str(directory / "tokenizer")}

@@ -50,15 +50,13 @@ training step would be spent at noise levels where the image does not matter.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from diffusion_captioner.diffusion.denoiser import (
-    OFFLINE_LM_CONFIGS,
     Denoiser,
     FusionName,
     build_masked_lm,
@@ -70,6 +68,7 @@ from diffusion_captioner.diffusion.samplers import (
 )
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
 from diffusion_captioner.hub import hf_access
+from diffusion_captioner.language_models import SavesLanguageModel
 from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
 from registry import CaptionDecoder
 
@@ -104,7 +103,7 @@ def load_caption_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 @CaptionDecoder.register("diffusion")
-class DiffusionDecoder(CaptionDecoder):
+class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     """CLIP-DiffusionLM: a DistilBERT denoises caption word embeddings by continuous diffusion.
 
     Args:
@@ -220,10 +219,8 @@ class DiffusionDecoder(CaptionDecoder):
         tokenizer_name = tokenizer if tokenizer is not None else str(lm)
         with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
             self.tokenizer = load_caption_tokenizer(tokenizer_name)
-        needs_hub = bool(lm_pretrained) or str(lm) not in OFFLINE_LM_CONFIGS
-        with hf_access(str(lm), "DistilBERT", download=needs_hub):
-            mlm = build_masked_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer,
-                                  body_pretrained=bool(body_pretrained))
+        mlm = build_masked_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer,
+                              body_pretrained=bool(body_pretrained))
         words = mlm.get_input_embeddings()
         if not lm_pretrained:
             # Random embeddings at unit variance per dimension (pad included), like the noise;
@@ -269,18 +266,8 @@ class DiffusionDecoder(CaptionDecoder):
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
-    def save_extra(self, directory: str | Path) -> None:
-        """Tokenizer files to ``directory/tokenizer``, the DistilBERT config to ``directory/lm``."""
-        directory = Path(directory)
-        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
-        self.denoiser.mlm.config.save_pretrained(str(directory / "lm"))
-
-    @classmethod
-    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
-        """Rebuild from the checkpoint's own DistilBERT config and tokenizer: no network."""
-        directory = Path(directory)
-        return {"lm": str(directory / "lm"), "lm_pretrained": False, "lm_config": None,
-                "tokenizer": str(directory / "tokenizer")}
+    def wrapped_lm(self) -> PreTrainedModel:
+        return self.denoiser.mlm
 
     # ---------------------------------------------------------------- pieces
     @property

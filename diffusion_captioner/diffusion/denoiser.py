@@ -59,7 +59,8 @@ def build_masked_lm(
     choice). ``overrides`` are applied to the config in every case (e.g. a tiny size, dropout).
     """
     model = build_language_model(lm, pretrained, overrides, tokenizer, DistilBertForMaskedLM,
-                                 OFFLINE_LM_CONFIGS, from_config=DistilBertForMaskedLM)
+                                 OFFLINE_LM_CONFIGS, from_config=DistilBertForMaskedLM,
+                                 what="DistilBERT")
     if pretrained and not body_pretrained:
         model = _random_body_with_embeddings_of(model)
     if getattr(model.config, "model_type", None) != "distilbert":
