@@ -158,6 +158,15 @@ def build_lm(
         token_ids=("bos_token_id", "eos_token_id", "pad_token_id"), what="causal LM")
 
 
+def _cache_length(past: Any) -> int:
+    """Positions held by a key/value cache (a ``Cache`` object or legacy tuples); 0 for None."""
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return int(past[0][0].shape[-2])
+
+
 def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
     """Select batch rows ``index`` of a key/value cache (a ``Cache`` object or legacy tuples)."""
     if hasattr(past, "reorder_cache"):
@@ -353,10 +362,17 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """One cached LM step: logits of the last position (N, V) and the updated cache."""
-        out = self.lm.base_model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past, use_cache=True
-        )
+        """One cached LM step: logits of the last position (N, V) and the updated cache.
+
+        Every position is attended to (rows past their end token only feed pad, and their outputs
+        are discarded), said with an explicit all-ones mask so that transformers does not warn
+        that pad tokens come without one."""
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        seen = _cache_length(past)
+        mask = torch.ones(inputs.shape[0], seen + inputs.shape[1], dtype=torch.long,
+                          device=inputs.device)  # (N, past + new)
+        out = self.lm.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                 attention_mask=mask, past_key_values=past, use_cache=True)
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1])  # (N, V)
         return logits.float(), out.past_key_values
 
