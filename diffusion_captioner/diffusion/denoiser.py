@@ -127,12 +127,11 @@ class AddFusion(nn.Module):
     extra_tokens = 0
 
     def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
-                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = h + image.sum(1, keepdim=True)  # (B, L, D)
         if text is not None:
             h = h + text_keep[:, None, None].to(h.dtype) * text  # (B, L, D)
-        mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L)
-        return h, mask
+        return h, None  # every position attended to
 
 
 class ConcatFusion(nn.Module):
@@ -146,7 +145,7 @@ class ConcatFusion(nn.Module):
         self.extra_tokens = image_tokens + 1
 
     def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
-                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = h.shape
         if text is None:
             text = torch.zeros_like(image[:, :1])  # (B, 1, D), masked out below
@@ -154,6 +153,8 @@ class ConcatFusion(nn.Module):
         h = torch.cat([h, image, text], dim=1)  # (B, L+k+1, D)
         segments = torch.tensor([0] * length + [1] * self.extra_tokens, device=h.device)
         h = h + self.segment(segments)[None]  # (B, L+k+1, D)
+        if bool(text_keep.all()):  # the usual case at inference: no mask to build
+            return h, None
         mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L+k+1)
         mask[:, -1] = text_keep.long()
         return h, mask
@@ -255,7 +256,7 @@ class Denoiser(nn.Module):
         image_h, text_h = projected if projected is not None else self.project(image, text)
         if text_keep is None:
             text_keep = torch.ones(batch, dtype=torch.bool, device=x_t.device)
-        h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L')
+        h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L') or None
         hidden = self.mlm.distilbert(inputs_embeds=h, attention_mask=mask).last_hidden_state
         hidden = hidden[:, :length]  # (B, L, D)
         out = self.mlm.activation(self.mlm.vocab_transform(hidden))  # (B, L, D)
