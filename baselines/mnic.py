@@ -16,7 +16,8 @@ learns to predict the end and padding tokens at the tail itself.
 The image conditions the LM either as ``prefix_length`` prefix embeddings ``P(z)`` before the
 caption positions (``conditioning="prefix"``, with segment id 0 for the prefix and 1 for the
 caption when the LM has two segment embeddings) or added to the input embedding of every caption
-position (``conditioning="add"``: ``e_i = emb(w_i) + P(z)``).
+position (``conditioning="add"``: ``e_i = emb(w_i) + P(z)``). Both choices, and the two length
+modes, are classes in :mod:`baselines.mnic_modes`.
 
 Decoding is mask-predict (Ghazvininejad et al., 2019) with K passes. Pass 0 starts fully masked
 at length L and predicts every position, keeping each position's probability
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from baselines.mnic_modes import (
+    CONDITIONINGS,
+    LENGTH_MODES,
+    ConditioningName,
+    LengthModeName,
+)
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
 from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
@@ -50,10 +57,6 @@ from registry import CaptionDecoder, ComponentError
 
 logger = logging.getLogger(__name__)
 
-Conditioning = Literal["prefix", "add"]
-LengthMode = Literal["predict", "fixed"]
-CONDITIONINGS: tuple[str, ...] = ("prefix", "add")
-LENGTH_MODES: tuple[str, ...] = ("predict", "fixed")
 
 #: LM names whose architecture is known without a download, for ``lm_pretrained=False``.
 #: ``BertConfig()``'s defaults are the 110M "bert-base-uncased" architecture.
@@ -220,9 +223,9 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         lm_pretrained: bool = True,
         lm_config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
-        conditioning: Conditioning = "prefix",
+        conditioning: ConditioningName = "prefix",
         prefix_length: int = 1,
-        length_mode: LengthMode = "predict",
+        length_mode: LengthModeName = "predict",
         max_length: int = 24,
         length_loss_weight: float = 0.1,
         normalize_features: bool = False,
@@ -253,9 +256,9 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
             )
         if int(prefix_length) < 1 or int(max_length) < 2:
             raise ValueError("mnic: prefix_length must be >= 1 and max_length >= 2")
-        self.conditioning: Conditioning = conditioning
-        self.length_mode: LengthMode = length_mode
-        self.prefix_length = int(prefix_length) if conditioning == "prefix" else 0
+        self.conditioning = CONDITIONINGS[conditioning]()
+        self.length_mode = LENGTH_MODES[length_mode]()
+        self.prefix_length = self.conditioning.positions(int(prefix_length))
         self.max_length = int(max_length)
         self.length_loss_weight = float(length_loss_weight)
         self.normalize_features = bool(normalize_features)
@@ -280,13 +283,10 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
                 f"mnic: prefix_length {self.prefix_length} + max_length {self.max_length} "
                 f"exceeds the LM's {positions} positions"
             )
-        self.use_segments = (
-            self.conditioning == "prefix" and getattr(self.lm.config, "type_vocab_size", 0) >= 2
-        )
         vocab = self.lm.get_output_embeddings().out_features
         allowed = torch.zeros(vocab, dtype=torch.bool)  # (V,)
         allowed[: len(self.tokenizer)] = True
-        kept = {self.end_token_id, self.pad_token_id} if self.length_mode == "fixed" else set()
+        kept = self.length_mode.kept_special_tokens(self)
         for special in self.tokenizer.all_special_ids:
             if special not in kept and special < vocab:
                 allowed[special] = False
@@ -331,20 +331,13 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         ``max_length - 1``), every position a target (all True).
         """
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        if self.length_mode == "fixed":
-            rows = [ids[: self.max_length - 1] + [self.end_token_id] for ids in encoded]
-            width = self.max_length
-        else:
-            rows = [ids[: self.max_length] for ids in encoded]
-            if any(len(row) == 0 for row in rows):
-                raise ValueError("mnic: an empty caption has nothing to predict")
-            width = max(len(row) for row in rows)
+        rows, width, all_targets = self.length_mode.target_rows(self, encoded)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, T)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             valid[i, : len(row)] = True
-        if self.length_mode == "fixed":
+        if all_targets:
             valid[:] = True
         return ids.to(self.device), valid.to(self.device)
 
@@ -374,22 +367,10 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         z = self._features(features)  # (B, D)
         condition = self.project(z)  # (B, k or 1, E)
         tokens = self.lm.get_input_embeddings()(ids).to(condition.dtype)  # (B, T, E)
-        attention = attention.long()  # (B, T)
-        token_types = None
-        if self.conditioning == "prefix":
-            k = self.prefix_length
-            inputs = torch.cat([condition, tokens], dim=1)  # (B, k+T, E)
-            attention = torch.cat([attention.new_ones((ids.shape[0], k)), attention], dim=1)
-            if self.use_segments:
-                token_types = torch.cat(
-                    [torch.zeros_like(ids[:, :1]).expand(-1, k), torch.ones_like(ids)], dim=1
-                )  # (B, k+T)
-        else:
-            k = 0
-            inputs = tokens + condition  # (B, T, E), condition broadcast over positions
-        extra = {"token_type_ids": token_types} if token_types is not None else {}
+        inputs, attention, extra = self.conditioning.lm_inputs(
+            self, condition, tokens, attention.long())  # (B, k+T, E), (B, k+T)
         logits = self.lm(inputs_embeds=inputs, attention_mask=attention, **extra).logits
-        return logits[:, k:].float()  # (B, T, V)
+        return logits[:, self.prefix_length:].float()  # (B, T, V)
 
     # ---------------------------------------------------------------- training
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -407,20 +388,14 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         generator = None if self.training else torch.Generator().manual_seed(0)
         ids, valid = self.encode_captions(captions)  # (B, T), (B, T)
         inputs, labels = self.mask_inputs(ids, valid, generator)  # (B, T), (B, T)
-        attention = valid if self.length_mode == "predict" else torch.ones_like(valid)
+        attention = self.length_mode.attention(valid)  # (B, T)
         logits = self.token_logits(inputs, attention, features)  # (B, T, V)
         picked = labels != IGNORE_INDEX  # (B, T)
         token_loss = F.cross_entropy(logits[picked], labels[picked])  # masked positions only
-        parts = {"token_loss": token_loss}
-        if self.length_mode == "predict":
-            length_logits = self.length_logits(features)  # (B, max_length+1)
-            targets = self.caption_lengths(captions)  # (B,)
-            length_loss = F.cross_entropy(length_logits, targets)
-            accuracy = (length_logits.argmax(dim=-1) == targets).float().mean()
-            parts.update(length_loss=length_loss, length_accuracy=accuracy.detach())
-            total = token_loss + self.length_loss_weight * length_loss
-        else:
-            total = token_loss
+        parts = {"token_loss": token_loss, **self.length_mode.length_loss(self, features, captions)}
+        total = token_loss
+        if "length_loss" in parts:
+            total = total + self.length_loss_weight * parts["length_loss"]
         return {"loss": total, **parts}
 
     # ---------------------------------------------------------------- generation
@@ -429,10 +404,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
 
         ``"fixed"`` mode: ``max_length`` for every image (l = 1).
         """
-        if self.length_mode == "fixed":
-            return torch.full((features.shape[0], 1), self.max_length, device=self.device)
-        beam = max(1, min(int(beam), self.max_length))
-        return self.length_logits(features).topk(beam, dim=-1).indices  # (B, l)
+        return self.length_mode.lengths(self, features, beam)  # (B, l)
 
     def mask_predict(
         self, features: torch.Tensor, lengths: torch.Tensor, steps: int
@@ -450,7 +422,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         tokens = torch.full((rows, width), self.pad_token_id, device=self.device)  # (N, T)
         scores = torch.zeros((rows, width), device=self.device)  # (N, T) log p_i
         counts = remask_counts(lengths.cpu(), steps).to(self.device)  # (K, N)
-        attention = valid if self.length_mode == "predict" else torch.ones_like(valid)
+        attention = self.length_mode.attention(valid)  # (N, T)
         history: list[torch.Tensor] = []
         for t in range(int(steps)):
             remask = valid if t == 0 else least_confident(scores, valid, counts[t])  # (N, T)
