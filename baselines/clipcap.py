@@ -31,7 +31,7 @@ from transformers import (
 
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
-from diffusion_captioner.tokenization import load_tokenizer
+from diffusion_captioner.tokenization import decode_until_stop, load_tokenizer
 from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
@@ -442,12 +442,7 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(B, t) token ids -> captions: cut at the first eos, special tokens dropped, stripped."""
-        captions = []
-        for row in ids.tolist():
-            if self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id)]
-            captions.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return captions
+        return decode_until_stop(self.tokenizer, ids.tolist(), (self.eos_token_id,))
 
     @torch.no_grad()
     def generate(

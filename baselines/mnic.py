@@ -52,7 +52,7 @@ from baselines.mnic_modes import (
 )
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
-from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
+from diffusion_captioner.tokenization import EMBEDDED_PREFIX, decode_until_stop, load_tokenizer
 from registry import CaptionDecoder, ComponentError
 
 logger = logging.getLogger(__name__)
@@ -437,12 +437,8 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(B, T) ids -> captions: cut at the first end/pad token, special tokens dropped."""
-        stops = {self.end_token_id, self.pad_token_id}
-        captions = []
-        for row in ids.tolist():
-            cut = next((i for i, token in enumerate(row) if token in stops), len(row))
-            captions.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return captions
+        return decode_until_stop(self.tokenizer, ids.tolist(),
+                                 (self.end_token_id, self.pad_token_id))
 
     @torch.no_grad()
     def generate(

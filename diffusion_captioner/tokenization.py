@@ -17,7 +17,7 @@ adds special tokens; decoders add the ones they need themselves (and pass
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -129,3 +129,15 @@ def write_embedded_tokenizer(name: str = "shapes_words") -> Path:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     write_embedded_tokenizer()
+
+
+def decode_until_stop(tokenizer: PreTrainedTokenizerBase, ids: Sequence[Sequence[int]],
+                      stops: Iterable[int]) -> list[str]:
+    """Token id rows -> captions: each row cut at its first ``stops`` token, special tokens
+    dropped, whitespace stripped."""
+    stops = set(stops)
+    captions = []
+    for row in ids:
+        cut = next((i for i, token in enumerate(row) if token in stops), len(row))
+        captions.append(tokenizer.decode(list(row[:cut]), skip_special_tokens=True).strip())
+    return captions

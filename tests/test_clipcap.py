@@ -79,6 +79,15 @@ def test_word_tokenizer_ids_and_decode() -> None:
     assert tokenizer.decode([2, *ids, 3, 0, 0], skip_special_tokens=True) == "a red circle"
 
 
+def test_decode_until_stop_cuts_at_the_first_stop_token() -> None:
+    from diffusion_captioner.tokenization import decode_until_stop
+
+    tokenizer = build_word_tokenizer(["Red", "circle", "a", "red"])
+    rows = [[5, 7, 3, 6, 0], [2, 5, 6], [3, 5]]  # stop after "a red"; none; stop first
+    assert decode_until_stop(tokenizer, rows, (3, 0)) == ["a red", "a circle", ""]
+    assert decode_until_stop(tokenizer, rows, (0,)) == ["a red circle", "a circle", "a"]
+
+
 def test_load_tokenizer_saved_dir_and_errors(tokenizer_dir: Path) -> None:
     tokenizer = load_tokenizer(tokenizer_dir)
     assert len(tokenizer) == len(SPECIAL_TOKENS) + len(WORDS)

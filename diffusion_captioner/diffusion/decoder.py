@@ -69,7 +69,7 @@ from diffusion_captioner.diffusion.samplers import (
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel
-from diffusion_captioner.tokenization import EMBEDDED_PREFIX, load_tokenizer
+from diffusion_captioner.tokenization import EMBEDDED_PREFIX, decode_until_stop, load_tokenizer
 from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
@@ -312,12 +312,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(B, L) ids -> captions, each cut at its first end or pad token, specials dropped."""
-        stops = {self.end_token_id, self.pad_token_id}
-        captions = []
-        for row in ids.tolist():
-            cut = next((i for i, token in enumerate(row) if token in stops), len(row))
-            captions.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return captions
+        return decode_until_stop(self.tokenizer, ids.tolist(),
+                                 (self.end_token_id, self.pad_token_id))
 
     def _features(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP features, with ``normalize_features`` scaled to norm sqrt(D): unit scale per
