@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 SIGNIFICANCE_METRICS = ("CIDEr", "Bleu_4")
 BENCH_BATCHES = (1, 4, 16, 64)
+#: Small batches are timed over this many different test images (a caption's length sets an
+#: autoregressive decoder's latency, so one image would not do).
+BENCH_IMAGES = 16
 
 
 def supports_trajectory(decoder: CaptionDecoder) -> bool:
@@ -61,8 +64,11 @@ def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
 
 def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[str, dict],
                    features: torch.Tensor, device: str = "cpu", repeats: int = 5,
-                   batch_sizes: tuple[int, ...] = BENCH_BATCHES) -> dict[str, Any]:
-    """Time every decoder side by side in this process on the same ``features`` (N, D).
+                   batch_sizes: tuple[int, ...] = BENCH_BATCHES,
+                   images: int = BENCH_IMAGES) -> dict[str, Any]:
+    """Time every decoder side by side in this process on the same ``features`` (N, D); a batch
+    size smaller than ``images`` is timed over ``images`` different images
+    (:func:`~eval.speed.benchmark_decoder`).
 
     Returns ``{"threads", "device", "repeats", "decoders": {name: rows}, "crossover": {name:
     batch}, "contrast": {name: ...}}``; crossover is the batch size from which the faster of a
@@ -70,17 +76,19 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     latency ratio at batch 1 and the throughput ratio at the largest batch
     (:func:`~eval.speed.speed_contrast`).
     """
-    features = features[torch.arange(max(batch_sizes)) % len(features)]  # (max_batch, D)
+    rows_needed = max(max(batch_sizes), images)
+    features = features[torch.arange(rows_needed) % len(features)]  # (rows_needed, D)
     rows = {}
     for name, decoder in decoders.items():
         logger.info("timing %s", name)
         rows[name] = benchmark_decoder(
             decoder, features, speed_options(decoder, generate_options.get(name, {})),
-            batch_sizes=batch_sizes, repeats=repeats)
+            batch_sizes=batch_sizes, repeats=repeats, images=images)
     names = list(rows)
     default_rows = {n: [r for r in rows[n] if r["options"] == rows[n][0]["options"]] for n in names}
     return {
         "threads": torch.get_num_threads(), "device": device, "repeats": repeats,
+        "images": images,
         "decoders": rows,
         "crossover": {n: crossover_batch(default_rows[names[0]], default_rows[n])
                       for n in names[1:]},
@@ -90,7 +98,7 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
 
 
 def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, images: int = BENCH_IMAGES) -> dict[str, Any]:
     """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``.
 
     ``threads`` defaults to the thread count the run was made with, so the figures match its
@@ -102,7 +110,8 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
     if threads:
         torch.set_num_threads(int(threads))
     features = test_features(config, loaded.encoder).features  # (N, D)
-    result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats)
+    result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats,
+                            images=images)
     (run / "speed.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -167,16 +167,18 @@ class Commands:
         del metrics
 
     def bench(self, run: str, device: str = "cpu", repeats: int = 5, threads: int | None = None,
-              include_package: Any = None) -> None:
+              images: int = 16, include_package: Any = None) -> None:
         """Time every decoder of a `compare` run side by side (batch 1..64, every step count).
 
-        --threads defaults to the run's own (config.json), so the figures match its report."""
+        --threads defaults to the run's own (config.json), so the figures match its report;
+        batches smaller than --images are timed over that many different test images."""
         from diffusion_captioner.analysis import bench_run
         from eval.speed import describe_contrast
 
         _include(include_package)
-        speed = bench_run(run, device=device, repeats=repeats, threads=threads)
-        print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}")
+        speed = bench_run(run, device=device, repeats=repeats, threads=threads, images=images)
+        print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}, "
+              f"{images} images at small batches")
         print(f"{'decoder':<12} {'options':<16} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
         for name, rows in speed["decoders"].items():
             for row in rows:

@@ -134,7 +134,10 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
         lines += ["## Speed", "",
                   f"Medians of {speed['repeats']} timed runs after warm-up, all decoders in one "
                   f"process on `{speed['device']}` with {speed['threads']} thread(s), the same "
-                  "test features."]
+                  "test features"
+                  + (f"; batches smaller than {speed['images']} are timed over {speed['images']} "
+                     "different images, so a caption's length does not set the latency."
+                     if speed.get("images") else ".")]
         first = list(speed.get("decoders", decoders))[0]
         for name, batch in speed.get("crossover", {}).items():
             contrast = speed.get("contrast", {}).get(name)

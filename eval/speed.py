@@ -1,7 +1,9 @@
 """Inference speed measured side by side in one process: warm-up, then medians.
 
 Latency per caption at batch 1 and throughput at batch 64 (and a latency-vs-batch curve) for each
-decoder at each step count it supports. All decoders see the same features, device and threads.
+decoder at each step count it supports. All decoders see the same features, device and threads;
+small batches are timed over several different images (an autoregressive decoder's latency
+depends on the length of the caption it writes).
 """
 
 from __future__ import annotations
@@ -40,18 +42,33 @@ def benchmark_decoder(
     batch_sizes: Sequence[int] = (1, 4, 16, 64),
     repeats: int = 5,
     warmup: int = 2,
+    images: int = 16,
 ) -> list[dict[str, Any]]:
-    """For each generate-options dict and batch size: median seconds per batch, ms per caption
-    and captions per second. ``features`` (N, D) must hold at least max(batch_sizes) rows."""
+    """For each generate-options dict and batch size b: caption the first n = b * ceil(images / b)
+    rows of ``features`` (N, D) in n / b calls of b, and report the median over ``repeats`` of
+    that pass as seconds per call, ms per caption and captions per second.
+
+    Several images even at batch 1, because an autoregressive decoder's latency grows with the
+    caption it writes: one image's caption length would decide the latency ratio. ``features``
+    must hold at least max(max(batch_sizes), images) rows."""
     decoder.eval()
     rows = []
     for opts in options:
         for batch in batch_sizes:
-            chunk = features[:batch].to(decoder.device)  # (b, D)
-            seconds = median_seconds(lambda c=chunk, o=opts: decoder.generate(c, **o),
-                                     repeats, warmup)
-            rows.append({"options": dict(opts), "batch": batch, "seconds": seconds,
-                         "ms_per_caption": 1000 * seconds / batch,
+            calls = -(-images // batch)
+            chunks = [features[i * batch:(i + 1) * batch].to(decoder.device)  # (b, D)
+                      for i in range(calls)]
+            if any(len(chunk) < batch for chunk in chunks):
+                raise ValueError(f"benchmark: {len(features)} feature rows, {calls * batch} "
+                                 f"needed for batch {batch}")
+
+            def one_pass(chunks=chunks, opts=opts) -> None:
+                for chunk in chunks:
+                    decoder.generate(chunk, **opts)
+
+            seconds = median_seconds(one_pass, repeats, warmup) / calls
+            rows.append({"options": dict(opts), "batch": batch, "images": calls * batch,
+                         "seconds": seconds, "ms_per_caption": 1000 * seconds / batch,
                          "captions_per_second": batch / seconds})
     return rows
 

@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_decoder_config
 
 from eval.caption_stats import caption_statistics
 from eval.clipscore import clip_scores, score_with_encoder
 from eval.significance import paired_bootstrap, paired_scores
-from eval.speed import crossover_batch, describe_contrast, median_seconds, speed_contrast
+from eval.speed import (
+    benchmark_decoder,
+    crossover_batch,
+    describe_contrast,
+    median_seconds,
+    speed_contrast,
+)
+from registry import build
 
 
 def test_identical_systems_give_an_interval_around_zero():
@@ -91,6 +99,31 @@ def test_crossover_and_median():
     calls = []
     assert median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
+
+
+def test_small_batches_are_timed_over_several_images(tmp_path):
+    """Batch 1 captions ``images`` different images one by one (an autoregressive decoder's
+    latency follows its caption's length), larger batches as many images as the batch."""
+    decoder = build("decoder", tiny_decoder_config("clipcap", 16, tmp_path))
+    generate, seen = decoder.generate, []
+
+    def recording_generate(features, **options):
+        seen.append(features.clone())
+        return generate(features, **options)
+
+    decoder.generate = recording_generate
+    features = torch.randn(64, 16)
+    rows = benchmark_decoder(decoder, features, [{}], batch_sizes=(1, 4, 64), repeats=1,
+                             warmup=0, images=8)
+    assert [(r["batch"], r["images"]) for r in rows] == [(1, 8), (4, 8), (64, 64)]
+    assert [len(f) for f in seen] == [1] * 8 + [4] * 2 + [64]
+    assert torch.equal(torch.cat(seen[:8]), features[:8])
+    assert torch.equal(torch.cat(seen[8:10]), features[:8])
+    for row in rows:
+        assert row["ms_per_caption"] == pytest.approx(1000 * row["seconds"] / row["batch"])
+    with pytest.raises(ValueError, match="64 feature rows, 96 needed"):
+        benchmark_decoder(decoder, features, [{}], batch_sizes=(32,), repeats=1, warmup=0,
+                          images=96)
 
 
 def test_speed_contrast_names_the_faster_decoder_and_the_ratios():
