@@ -119,6 +119,11 @@ class CaptionDecoder(nn.Module, Registrable):
     def generate(self, features: torch.Tensor, **options: Any) -> list[str]:
         raise NotImplementedError
 
+    def step_modules(self) -> list[nn.Module]:
+        """The networks ``generate`` calls once per step or token: what ``dcap bench --compile``
+        hands to ``torch.compile``. None by default (such a decoder is timed eager)."""
+        return []
+
     @contextmanager
     def evaluating(self) -> Iterator[None]:
         """Eval mode inside the block, the previous mode restored after it. Already in eval mode

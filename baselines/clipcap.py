@@ -277,6 +277,10 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         return self
 
     # ---------------------------------------------------------------- pieces
+    def step_modules(self) -> list[nn.Module]:
+        """GPT-2's body: called once per generated token (cached); the LM head is one matmul."""
+        return [self.lm.base_model]
+
     @property
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)

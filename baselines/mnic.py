@@ -298,6 +298,10 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         return dict(self._config)
 
     # ---------------------------------------------------------------- pieces
+    def step_modules(self) -> list[nn.Module]:
+        """The BERT masked LM: called once per mask-predict pass."""
+        return [self.lm]
+
     @property
     def mask_token_id(self) -> int:
         return int(self.tokenizer.mask_token_id)

@@ -15,7 +15,7 @@ from PIL import Image
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.inference import load_run
 from eval.significance import paired_bootstrap, paired_scores
-from eval.speed import benchmark_decoder, crossover_batch, speed_contrast
+from eval.speed import benchmark_decoder, compile_step_modules, crossover_batch, speed_contrast
 from registry import CaptionDecoder, build
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,13 @@ def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
 def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[str, dict],
                    features: torch.Tensor, device: str = "cpu", repeats: int = 5,
                    batch_sizes: tuple[int, ...] = BENCH_BATCHES,
-                   images: int = BENCH_IMAGES) -> dict[str, Any]:
+                   images: int = BENCH_IMAGES, compile_backend: str | None = None
+                   ) -> dict[str, Any]:
     """Time every decoder side by side in this process on the same ``features`` (N, D); a batch
     size smaller than ``images`` is timed over ``images`` different images
-    (:func:`~eval.speed.benchmark_decoder`).
+    (:func:`~eval.speed.benchmark_decoder`). ``compile_backend`` (e.g. ``"inductor"``):
+    ``torch.compile`` each decoder's step modules first (:func:`~eval.speed.compile_step_modules`;
+    a decoder that names none runs eager, with a warning).
 
     Returns ``{"threads", "device", "repeats", "decoders": {name: rows}, "crossover": {name:
     batch}, "contrast": {name: ...}}``; crossover is the batch size from which the faster of a
@@ -78,8 +81,12 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     """
     rows_needed = max(max(batch_sizes), images)
     features = features[torch.arange(rows_needed) % len(features)]  # (rows_needed, D)
-    rows = {}
+    rows, compiled = {}, {}
     for name, decoder in decoders.items():
+        if compile_backend:
+            compiled[name] = compile_step_modules(decoder, compile_backend) > 0
+            if not compiled[name]:
+                logger.warning("%s names no step modules: timed without torch.compile", name)
         logger.info("timing %s", name)
         rows[name] = benchmark_decoder(
             decoder, features, speed_options(decoder, generate_options.get(name, {})),
@@ -89,6 +96,7 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     return {
         "threads": torch.get_num_threads(), "device": device, "repeats": repeats,
         "images": images,
+        "compile": {"backend": compile_backend, "decoders": compiled} if compile_backend else None,
         "decoders": rows,
         "crossover": {n: crossover_batch(default_rows[names[0]], default_rows[n])
                       for n in names[1:]},
@@ -97,9 +105,17 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     }
 
 
+def speed_file(compile_backend: str | None = None) -> str:
+    """Where ``dcap bench`` writes its figures in a run folder: eager ones replace the report's
+    ``speed.json``, compiled ones go beside it."""
+    return "speed_compiled.json" if compile_backend else "speed.json"
+
+
 def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
-              threads: int | None = None, images: int = BENCH_IMAGES) -> dict[str, Any]:
-    """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``.
+              threads: int | None = None, images: int = BENCH_IMAGES,
+              compile_backend: str | None = None) -> dict[str, Any]:
+    """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``
+    (``run/speed_compiled.json`` with ``compile_backend``, leaving the report's figures alone).
 
     ``threads`` defaults to the thread count the run was made with, so the figures match its
     report."""
@@ -111,8 +127,8 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
         torch.set_num_threads(int(threads))
     features = test_features(config, loaded.encoder).features  # (N, D)
     result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats,
-                            images=images)
-    (run / "speed.json").write_text(json.dumps(result, indent=2))
+                            images=images, compile_backend=compile_backend)
+    (run / speed_file(compile_backend)).write_text(json.dumps(result, indent=2))
     return result
 
 

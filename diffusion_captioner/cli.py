@@ -167,18 +167,24 @@ class Commands:
         del metrics
 
     def bench(self, run: str, device: str = "cpu", repeats: int = 5, threads: int | None = None,
-              images: int = 16, include_package: Any = None) -> None:
+              images: int = 16, compile: bool | str = False, include_package: Any = None) -> None:
         """Time every decoder of a `compare` run side by side (batch 1..64, every step count).
 
         --threads defaults to the run's own (config.json), so the figures match its report;
-        batches smaller than --images are timed over that many different test images."""
-        from diffusion_captioner.analysis import bench_run
+        batches smaller than --images are timed over that many different test images.
+        --compile: torch.compile each decoder's per-step networks first (inductor, or the backend
+        named); needs a C++ compiler on CPU, adds a minute or more of compiling, and writes
+        speed_compiled.json instead of speed.json."""
+        from diffusion_captioner.analysis import bench_run, speed_file
         from eval.speed import describe_contrast
 
         _include(include_package)
-        speed = bench_run(run, device=device, repeats=repeats, threads=threads, images=images)
+        backend = ("inductor" if compile is True else str(compile)) if compile else None
+        speed = bench_run(run, device=device, repeats=repeats, threads=threads, images=images,
+                          compile_backend=backend)
         print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}, "
-              f"{images} images at small batches")
+              f"{images} images at small batches"
+              + (f", torch.compile ({backend})" if backend else ""))
         print(f"{'decoder':<12} {'options':<16} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
         for name, rows in speed["decoders"].items():
             for row in rows:
@@ -188,7 +194,7 @@ class Commands:
         first = next(iter(speed["decoders"]))
         for name, contrast in speed["contrast"].items():
             print(describe_contrast(first, name, contrast))
-        print(f"written to {Path(run) / 'speed.json'}")
+        print(f"written to {Path(run) / speed_file(backend)}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None) -> None:
         """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap)."""

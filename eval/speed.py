@@ -34,6 +34,16 @@ def median_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 2
     return statistics.median(timings)
 
 
+def compile_step_modules(decoder: CaptionDecoder, backend: str = "inductor") -> int:
+    """``torch.compile`` (in place, :meth:`torch.nn.Module.compile`: weights and state-dict keys
+    unchanged) every network ``decoder.step_modules()`` names; returns how many. Compilation
+    itself happens at the first call of each new input shape, i.e. in a benchmark's warm-up."""
+    modules = decoder.step_modules()
+    for module in modules:
+        module.compile(backend=backend)
+    return len(modules)
+
+
 @torch.no_grad()
 def benchmark_decoder(
     decoder: CaptionDecoder,

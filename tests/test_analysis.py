@@ -13,6 +13,7 @@ from eval.clipscore import clip_scores, score_with_encoder
 from eval.significance import paired_bootstrap, paired_scores
 from eval.speed import (
     benchmark_decoder,
+    compile_step_modules,
     crossover_batch,
     describe_contrast,
     median_seconds,
@@ -124,6 +125,19 @@ def test_small_batches_are_timed_over_several_images(tmp_path):
     with pytest.raises(ValueError, match="64 feature rows, 96 needed"):
         benchmark_decoder(decoder, features, [{}], batch_sizes=(32,), repeats=1, warmup=0,
                           images=96)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "clipcap", "mnic"])
+def test_compiled_step_modules_caption_as_before(name, tmp_path):
+    """``dcap bench --compile`` compiles each decoder's per-step networks in place: the same
+    captions, the same state-dict keys (the eager backend: no C++ compiler needed here)."""
+    torch.manual_seed(0)
+    decoder = build("decoder", tiny_decoder_config(name, 16, tmp_path)).eval()
+    features = torch.randn(3, 16)
+    before, keys = decoder.generate(features), list(decoder.state_dict())
+    assert compile_step_modules(decoder, backend="eager") >= 1
+    assert decoder.generate(features) == before
+    assert list(decoder.state_dict()) == keys
 
 
 def test_speed_contrast_names_the_faster_decoder_and_the_ratios():

@@ -166,6 +166,14 @@ def test_unreadable_image_named_and_the_rest_captioned(tiny_clip_dir, tmp_path, 
     code, out, err = run_cli(["bench", "--run", str(run), "--repeats", "1"], capsys)
     assert code == 0, err[-2000:]
     assert "ms/caption" in out and (run / "speed.json").is_file()
+    eager = (run / "speed.json").read_text()
+    code, out, err = run_cli(["bench", "--run", str(run), "--repeats", "1", "--compile", "eager"],
+                             capsys)
+    assert code == 0, err[-2000:]
+    assert "torch.compile (eager)" in out and "speed_compiled.json" in out
+    compiled = json.loads((run / "speed_compiled.json").read_text())
+    assert compiled["compile"] == {"backend": "eager", "decoders": {"clipcap": True}}
+    assert (run / "speed.json").read_text() == eager  # the report's figures are left alone
 
 
 def test_real_process_exit_code_and_no_traceback():

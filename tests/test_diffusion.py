@@ -178,6 +178,21 @@ def test_every_loss_part_is_finite(tmp_path, overrides):
     assert not decoder.word_embeddings.requires_grad  # frozen embeddings and LM head
 
 
+@pytest.mark.parametrize("fusion", ["concat", "add"])
+def test_text_keep_none_means_every_row_sees_its_text(tmp_path, fusion):
+    """None (inference's cond pass: no mask to build) = all True; False drops the text."""
+    decoder = build_tiny(tmp_path, fusion=fusion, image_tokens=1).eval()
+    torch.manual_seed(0)
+    x_t, t = torch.randn(2, decoder.max_length, decoder.denoiser.dim), torch.tensor([5, 40])
+    image, text = torch.randn(2, 16), torch.randn(2, 16)
+    every = decoder.denoise(x_t, t, image, text, None)
+    kept = decoder.denoise(x_t, t, image, text, torch.tensor([True, True]))
+    dropped = decoder.denoise(x_t, t, image, text, torch.tensor([True, False]))
+    torch.testing.assert_close(every, kept)
+    torch.testing.assert_close(dropped[0], every[0])
+    assert not torch.allclose(dropped[1], every[1])
+
+
 def test_mixed_noise_lowers_some_positions_only(tmp_path):
     decoder = build_tiny(tmp_path, mixed_noise=1.0)
     torch.manual_seed(0)

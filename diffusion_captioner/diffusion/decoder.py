@@ -270,6 +270,10 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         return self.denoiser.mlm
 
     # ---------------------------------------------------------------- pieces
+    def step_modules(self) -> list[torch.nn.Module]:
+        """The denoiser: called K times (2K with guidance) per ``generate``."""
+        return [self.denoiser]
+
     @property
     def end_token_id(self) -> int:
         sep = self.tokenizer.sep_token_id
@@ -467,11 +471,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         projected = self.denoiser.project(image, text) if projected is None else projected
         if text is None:
             return self.denoise(x_t, t, image, None, None, self_cond, projected)
-        keep = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
-        cond = self.denoise(x_t, t, image, text, keep, self_cond, projected)  # (B, L, E)
+        cond = self.denoise(x_t, t, image, text, None, self_cond, projected)  # (B, L, E)
         if guidance == 0:
             return cond
-        uncond = self.denoise(x_t, t, image, text, ~keep, self_cond, projected)  # (B, L, E)
+        dropped = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)  # (B,)
+        uncond = self.denoise(x_t, t, image, text, dropped, self_cond, projected)  # (B, L, E)
         return (1 + guidance) * cond - guidance * uncond
 
     @torch.no_grad()

@@ -92,6 +92,8 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(N,) timesteps -> (N, D); the MLP runs once per distinct timestep (sampling uses a
         handful: the K timesteps, or 0 and T in the refine sampler)."""
+        if torch.compiler.is_compiling():  # a compiled graph wants no data-dependent shapes
+            return self._embed(t)  # (N, D)
         distinct, index = torch.unique(t, return_inverse=True)  # (U,), (N,)
         return self._embed(distinct)[index]  # (N, D)
 
@@ -127,10 +129,12 @@ class AddFusion(nn.Module):
     extra_tokens = 0
 
     def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
-                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                text_keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``text_keep`` (B,) bool, or None: every row sees its text feature."""
         h = h + image.sum(1, keepdim=True)  # (B, L, D)
         if text is not None:
-            h = h + text_keep[:, None, None].to(h.dtype) * text  # (B, L, D)
+            keep = 1.0 if text_keep is None else text_keep[:, None, None].to(h.dtype)
+            h = h + keep * text  # (B, L, D)
         return h, None  # every position attended to
 
 
@@ -145,15 +149,17 @@ class ConcatFusion(nn.Module):
         self.extra_tokens = image_tokens + 1
 
     def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
-                text_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                text_keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``text_keep`` (B,) bool, or None: every row sees its text feature (no mask to build,
+        the usual case at inference)."""
         batch, length, _ = h.shape
         if text is None:
             text = torch.zeros_like(image[:, :1])  # (B, 1, D), masked out below
-            text_keep = torch.zeros_like(text_keep)
+            text_keep = torch.zeros(batch, dtype=torch.bool, device=h.device)  # (B,)
         h = torch.cat([h, image, text], dim=1)  # (B, L+k+1, D)
         segments = torch.tensor([0] * length + [1] * self.extra_tokens, device=h.device)
         h = h + self.segment(segments)[None]  # (B, L+k+1, D)
-        if bool(text_keep.all()):  # the usual case at inference: no mask to build
+        if text_keep is None:
             return h, None
         mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L+k+1)
         mask[:, -1] = text_keep.long()
@@ -237,7 +243,7 @@ class Denoiser(nn.Module):
         projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """x_t (B, L, D), t (B,) or (B, L), image (B, D_clip), text (B, D_clip) or None, text_keep (B,)
-        bool (which rows see their text feature), self_cond (B, L, D) or None -> x0_hat (B, L, D).
+        bool (which rows see their text feature; None: all), self_cond (B, L, D) or None -> x0_hat (B, L, D).
 
         ``projected``: :meth:`project`'s output for these image and text features, reused across
         sampling steps instead of projecting them again.
@@ -254,8 +260,6 @@ class Denoiser(nn.Module):
             else:  # one timestep per position
                 h = h + self.time_embed(t.flatten()).view(batch, length, -1)  # (B, L, D)
         image_h, text_h = projected if projected is not None else self.project(image, text)
-        if text_keep is None:
-            text_keep = torch.ones(batch, dtype=torch.bool, device=x_t.device)
         h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L') or None
         hidden = self.mlm.distilbert(inputs_embeds=h, attention_mask=mask).last_hidden_state
         hidden = hidden[:, :length]  # (B, L, D)
