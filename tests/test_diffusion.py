@@ -193,6 +193,12 @@ def test_text_keep_none_means_every_row_sees_its_text(tmp_path, fusion):
     assert not torch.allclose(dropped[1], every[1])
 
 
+def test_embed_is_a_lookup_in_the_diffusion_table(tmp_path):
+    decoder = build_tiny(tmp_path, embed_scale=0.3)
+    ids = torch.tensor([[0, 3, 3], [5, 1, 2]])
+    assert torch.equal(decoder.embed(ids), decoder.diffusion_table()[ids])
+
+
 def test_mixed_noise_lowers_some_positions_only(tmp_path):
     decoder = build_tiny(tmp_path, mixed_noise=1.0)
     torch.manual_seed(0)
@@ -442,7 +448,7 @@ def test_refine_renoises_the_least_confident_share_of_the_span(tmp_path, done):
     x0_hat = torch.randn(batch, length, decoder.word_embeddings.shape[1])  # (B, L, E)
     spans = torch.tensor([length, 5, 1])  # (B,)
     table = decoder.diffusion_table()
-    run = SamplingRun(decoder, decoder.schedule.inference_timesteps(5), table, spans,
+    run = SamplingRun(decoder, decoder.schedule.inference_timesteps(5), None, spans,
                       lambda: torch.zeros_like(x0_hat))
     x_t, t = RefineSampler().next_input(run, x0_hat, x0_hat, torch.full((batch,), 1), done)
     noisy = t == decoder.schedule.steps  # (B, L)

@@ -297,8 +297,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         return (self.word_embeddings - self.emb_mean) / self.emb_std * self.embed_scale
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> x_0 (B, L, E)."""
-        return self.diffusion_table()[ids]
+        """Token ids (B, L) -> x_0 (B, L, E): the rows of :meth:`diffusion_table`, normalised
+        after the lookup (a 30k-word table is not rebuilt for a few ids)."""
+        return (self.word_embeddings[ids] - self.emb_mean) / self.emb_std * self.embed_scale
 
     def lm_logits(self, x0: torch.Tensor) -> torch.Tensor:
         """The frozen LM head on diffusion-space vectors: ``(x / s * sigma + mu) E^T`` (B, L, V)."""
@@ -542,7 +543,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             def gaussian() -> torch.Tensor:
                 return torch.randn(shape, generator=generator).to(self.device, image.dtype) * tau
 
-            table = self.diffusion_table() if snap or stepper.needs_table else None
+            table = self.diffusion_table() if snap else None
             timesteps = self.schedule.inference_timesteps(k)
             x_t = gaussian()  # (B, L, E)
             t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)

@@ -39,7 +39,7 @@ class SamplingRun:
     Attributes:
         decoder: the decoder (its schedule, LM head and special-token ids).
         timesteps: the K timesteps, T first.
-        table: (V, E) word vectors in diffusion space, or None (no clamping, not refining).
+        table: (V, E) word vectors in diffusion space when clamping, else None.
         lengths: (B,) predicted caption lengths (length head), or None.
         noise: draws a fresh seeded N(0, tau^2 I) tensor shaped like x_t (B, L, E).
     """
@@ -56,8 +56,6 @@ class Sampler:
     after ``done`` calls (1 <= done < K)."""
 
     name: ClassVar[str]
-    #: Whether the sampler needs the word-vector table even without clamping.
-    needs_table: ClassVar[bool] = False
 
     def next_input(self, run: SamplingRun, x0_hat: torch.Tensor, x_t: torch.Tensor,
                    t: torch.Tensor, done: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +98,6 @@ class RefineSampler(Sampler):
     """Mask-predict in continuous form (see the module docstring)."""
 
     name = "refine"
-    needs_table = True
 
     def next_input(self, run: SamplingRun, x0_hat: torch.Tensor, x_t: torch.Tensor,
                    t: torch.Tensor, done: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +121,7 @@ class RefineSampler(Sampler):
         rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
         noisy = rank < redo[:, None]  # (B, L)
         t_next = torch.where(noisy, decoder.schedule.steps, 0).long()  # (B, L)
-        committed = run.table[words]  # (B, L, E)
+        committed = decoder.embed(words)  # (B, L, E)
         return torch.where(noisy[..., None], noise, committed), t_next
 
 
