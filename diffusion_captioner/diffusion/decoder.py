@@ -394,7 +394,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
         scale = self.embed_scale
         restore_t = self.restore_fn(x0_hat / scale, x0 / scale)
-        rounding_t = self._rounding(x0_hat, ids)
+        logits_t = self.lm_logits(x0_hat).float()  # (B, L, V)
+        rounding_t = self._rounding(logits_t, ids)
         parts: dict[str, torch.Tensor] = {"restore_xt": restore_t, "rounding_xt": rounding_t}
         l_simple, l_rounding = restore_t, rounding_t
         if self._config["x1_loss"]:
@@ -402,7 +403,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             x_1 = self.schedule.q_sample(x0, ones, gaussian(x0))  # (B, L, E)
             x0_hat_1 = self.denoise(x_1, ones, image, text, keep)  # (B, L, E)
             restore_1 = self.restore_fn(x0_hat_1 / scale, x0 / scale)
-            rounding_1 = self._rounding(x0_hat_1, ids)
+            rounding_1 = self._rounding(self.lm_logits(x0_hat_1).float(), ids)
             parts.update(restore_x1=restore_1, rounding_x1=rounding_1)
             l_simple, l_rounding = l_simple + restore_1, l_rounding + rounding_1
         weight = self.rounding_lambda
@@ -429,7 +430,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             parts["prior"] = prior
             total = total + prior
         with torch.no_grad():
-            accuracy = (self.lm_logits(x0_hat).argmax(-1) == ids).float().mean()
+            accuracy = (logits_t.argmax(-1) == ids).float().mean()
         parts["token_accuracy"] = accuracy
         return {"loss": total, **parts}
 
@@ -447,9 +448,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         per_position = t[:, None].expand(batch, length)  # (B, L)
         return torch.where(mixed[:, None] & lowered, cleaner, per_position)
 
-    def _rounding(self, x0_hat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """L_R: CE of the gold words through the frozen LM head, summed over positions."""
-        logits = self.lm_logits(x0_hat).float()  # (B, L, V)
+    def _rounding(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """L_R from the frozen LM head's logits (B, L, V) (:meth:`lm_logits`): CE of the gold
+        words, summed over positions."""
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")  # (B*L,)
         return ce.view(ids.shape).sum(-1).mean()
 
