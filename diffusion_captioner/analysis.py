@@ -73,13 +73,19 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     ``torch.compile`` each decoder's step modules first (:func:`~eval.speed.compile_step_modules`;
     a decoder that names none runs eager, with a warning).
 
-    Returns ``{"threads", "device", "repeats", "decoders": {name: rows}, "crossover": {name:
-    batch}, "contrast": {name: ...}}``; crossover is the batch size from which the faster of a
-    decoder and the first decoder (both at their default options) changes, contrast adds the
-    latency ratio at batch 1 and the throughput ratio at the largest batch
-    (:func:`~eval.speed.speed_contrast`).
+    Returns ``{"threads", "device", "repeats", "images", "distinct_images", "compile",
+    "decoders": {name: rows}, "crossover": {name: batch}, "contrast": {name: ...}}``:
+
+    * ``images``: the images timed per small batch, ``distinct_images`` of them different
+      (fewer when the features wrap round);
+    * ``compile``: None, or ``{"backend", "decoders": {name: compiled?}}``;
+    * ``crossover``: the batch size from which the faster of a decoder and the first decoder
+      (both at their default options) changes;
+    * ``contrast``: adds the latency ratio at batch 1 and the throughput ratio at the largest
+      batch (:func:`~eval.speed.speed_contrast`).
     """
     rows_needed = max(max(batch_sizes), images)
+    distinct = min(len(features), images)
     features = features[torch.arange(rows_needed) % len(features)]  # (rows_needed, D)
     rows, compiled = {}, {}
     for name, decoder in decoders.items():
@@ -95,7 +101,7 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     default_rows = {n: [r for r in rows[n] if r["options"] == rows[n][0]["options"]] for n in names}
     return {
         "threads": torch.get_num_threads(), "device": device, "repeats": repeats,
-        "images": images,
+        "images": images, "distinct_images": distinct,
         "compile": {"backend": compile_backend, "decoders": compiled} if compile_backend else None,
         "decoders": rows,
         "crossover": {n: crossover_batch(default_rows[names[0]], default_rows[n])

@@ -167,7 +167,8 @@ class Commands:
         del metrics
 
     def bench(self, run: str, device: str = "cpu", repeats: int = 5, threads: int | None = None,
-              images: int = 16, compile: bool | str = False, include_package: Any = None) -> None:
+              images: int = 16,  # analysis.BENCH_IMAGES (not imported: --help stays fast)
+              compile: bool | str = False, include_package: Any = None) -> None:
         """Time every decoder of a `compare` run side by side (batch 1..64, every step count).
 
         --threads defaults to the run's own (config.json), so the figures match its report;
@@ -178,7 +179,10 @@ class Commands:
         from diffusion_captioner.analysis import bench_run, speed_file
         from eval.speed import describe_contrast
 
+        if int(images) < 1:  # before the run's models are loaded
+            raise ValueError(f"--images must be >= 1, got {images}")
         _include(include_package)
+        # --compile is the flag users type, so the parameter keeps the builtin's name here
         backend = ("inductor" if compile is True else str(compile)) if compile else None
         speed = bench_run(run, device=device, repeats=repeats, threads=threads, images=images,
                           compile_backend=backend)

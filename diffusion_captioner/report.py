@@ -135,9 +135,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                   f"Medians of {speed['repeats']} timed runs after warm-up, all decoders in one "
                   f"process on `{speed['device']}` with {speed['threads']} thread(s), the same "
                   "test features"
-                  + (f"; batches smaller than {speed['images']} are timed over {speed['images']} "
-                     "different images, so a caption's length does not set the latency."
-                     if speed.get("images") else ".")]
+                  + (_small_batch_images(speed) if speed.get("images") else ".")]
         first = list(speed.get("decoders", decoders))[0]
         for name, batch in speed.get("crossover", {}).items():
             contrast = speed.get("contrast", {}).get(name)
@@ -171,6 +169,17 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                  "`<decoder>/metrics.json` (with per-image scores), `<decoder>/clipscore.json`, "
                  "`<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`; `speed.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _small_batch_images(speed: dict) -> str:
+    """How small batches were timed: over ``images`` test images (fewer distinct ones when the
+    test split is smaller, the features wrapping round)."""
+    images = speed["images"]
+    distinct = speed.get("distinct_images", images)
+    over = (f"{images} images" if distinct >= images else
+            f"{images} images ({distinct} distinct: the test split is that small)")
+    return (f"; batches smaller than {images} are timed over {over}, so no single caption's "
+            "length sets the latency.")
 
 
 def _inline_images(body: str, run: Path) -> str:

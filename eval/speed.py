@@ -61,6 +61,8 @@ def benchmark_decoder(
     Several images even at batch 1, because an autoregressive decoder's latency grows with the
     caption it writes: one image's caption length would decide the latency ratio. ``features``
     must hold at least max(max(batch_sizes), images) rows."""
+    if images < 1:
+        raise ValueError(f"benchmark: images must be >= 1, got {images}")
     decoder.eval()
     rows = []
     for opts in options:

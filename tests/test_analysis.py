@@ -125,6 +125,8 @@ def test_small_batches_are_timed_over_several_images(tmp_path):
     with pytest.raises(ValueError, match="64 feature rows, 96 needed"):
         benchmark_decoder(decoder, features, [{}], batch_sizes=(32,), repeats=1, warmup=0,
                           images=96)
+    with pytest.raises(ValueError, match="images must be >= 1, got 0"):
+        benchmark_decoder(decoder, features, [{}], batch_sizes=(1,), repeats=1, images=0)
 
 
 @pytest.mark.parametrize("name", ["diffusion", "clipcap", "mnic"])
@@ -138,6 +140,24 @@ def test_compiled_step_modules_caption_as_before(name, tmp_path):
     assert compile_step_modules(decoder, backend="eager") >= 1
     assert decoder.generate(features) == before
     assert list(decoder.state_dict()) == keys
+
+
+@pytest.mark.parametrize("fusion", ["concat", "add"])
+def test_the_denoiser_compiles_to_one_graph(fusion, tmp_path):
+    """No graph break in the diffusion denoiser (``fullgraph=True`` raises at the first), for
+    the guided path too (its unconditional half passes a text mask): every sampling step is one
+    compiled call."""
+    torch.manual_seed(0)
+    config = tiny_decoder_config("diffusion", 16, tmp_path)
+    config["fusion"] = fusion
+    if fusion == "add":
+        config["image_tokens"] = 1
+    decoder = build("decoder", config).eval()
+    features = torch.randn(2, 16)
+    before = decoder.generate(features, guidance=0.5)
+    torch._dynamo.reset()
+    decoder.denoiser.compile(backend="eager", fullgraph=True)
+    assert decoder.generate(features, guidance=0.5) == before
 
 
 def test_speed_contrast_names_the_faster_decoder_and_the_ratios():

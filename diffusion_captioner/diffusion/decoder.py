@@ -396,6 +396,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         restore_t = self.restore_fn(x0_hat / scale, x0 / scale)
         logits_t = self.lm_logits(x0_hat).float()  # (B, L, V)
         rounding_t = self._rounding(logits_t, ids)
+        with torch.no_grad():
+            accuracy = (logits_t.argmax(-1) == ids).float().mean()
+        del logits_t  # (B, L, V) not kept alive through the x_1 forward
         parts: dict[str, torch.Tensor] = {"restore_xt": restore_t, "rounding_xt": rounding_t}
         l_simple, l_rounding = restore_t, rounding_t
         if self._config["x1_loss"]:
@@ -429,8 +432,6 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                 prior = image.new_zeros(())
             parts["prior"] = prior
             total = total + prior
-        with torch.no_grad():
-            accuracy = (logits_t.argmax(-1) == ids).float().mean()
         parts["token_accuracy"] = accuracy
         return {"loss": total, **parts}
 

@@ -133,7 +133,7 @@ class AddFusion(nn.Module):
         """``text_keep`` (B,) bool, or None: every row sees its text feature."""
         h = h + image.sum(1, keepdim=True)  # (B, L, D)
         if text is not None:
-            keep = 1.0 if text_keep is None else text_keep[:, None, None].to(h.dtype)
+            keep = 1.0 if text_keep is None else text_keep[:, None, None].to(h.dtype)  # (B, 1, 1)
             h = h + keep * text  # (B, L, D)
         return h, None  # every position attended to
 
