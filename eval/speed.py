@@ -85,6 +85,31 @@ def benchmark_decoder(
     return rows
 
 
+def step_cost(rows: list[dict[str, Any]], batch: int = 1) -> dict[str, Any] | None:
+    """What one more step costs an iterative decoder at ``batch``: the least-squares line
+    ``ms(K) = fixed + per_step * K`` through its rows with a ``steps`` option (other options
+    equal to those of the first such row). Returns ``{"per_step_ms", "fixed_ms", "steps"}``, or
+    None with fewer than two step counts."""
+    stepped = [r for r in rows if r["batch"] == batch and "steps" in r["options"]]
+    if not stepped:
+        return None
+    others = {k: v for k, v in stepped[0]["options"].items() if k != "steps"}
+    points = sorted((int(r["options"]["steps"]), r["ms_per_caption"]) for r in stepped
+                    if {k: v for k, v in r["options"].items() if k != "steps"} == others)
+    if len({k for k, _ in points}) < 2:
+        return None
+    per_step, fixed = statistics.linear_regression([float(k) for k, _ in points],
+                                                   [ms for _, ms in points])
+    return {"per_step_ms": per_step, "fixed_ms": fixed, "steps": [k for k, _ in points]}
+
+
+def describe_step_cost(name: str, cost: dict[str, Any]) -> str:
+    """One line for a report from :func:`step_cost`."""
+    return (f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch 1, on top of "
+            f"{cost['fixed_ms']:.2f} ms per caption (least-squares line through K = "
+            f"{', '.join(map(str, cost['steps']))}).")
+
+
 def crossover_batch(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> int | None:
     """The smallest batch size from which ``second``'s throughput no longer exceeds ``first``'s
     (or the reverse), i.e. where the faster decoder changes; ``None`` if it never changes."""

@@ -18,6 +18,7 @@ from eval.speed import (
     describe_contrast,
     median_seconds,
     speed_contrast,
+    step_cost,
 )
 from registry import build
 
@@ -158,6 +159,22 @@ def test_the_denoiser_compiles_to_one_graph(fusion, tmp_path):
     torch._dynamo.reset()
     decoder.denoiser.compile(backend="eager", fullgraph=True)
     assert decoder.generate(features, guidance=0.5) == before
+
+
+def test_step_cost_is_the_least_squares_line_through_the_step_counts():
+    """ms(K) = 0.5 + 2 K at batch 1 (with noise that cancels in the fit); rows at other batch
+    sizes or other options stay out of it."""
+    def row(steps, ms, batch=1, **options):
+        return {"options": {"steps": steps, **options}, "batch": batch, "ms_per_caption": ms}
+
+    rows = [row(1, 2.5 + 0.1), row(2, 4.5 - 0.1), row(5, 10.5 - 0.1), row(10, 20.5 + 0.1),
+            row(5, 99.0, batch=64), row(5, 99.0, length_beam=3)]
+    cost = step_cost(rows)
+    assert cost["steps"] == [1, 2, 5, 10]
+    assert cost["per_step_ms"] == pytest.approx(2.0, abs=0.02)
+    assert cost["fixed_ms"] == pytest.approx(0.5, abs=0.1)
+    assert step_cost([row(5, 10.0)]) is None  # one step count: no line
+    assert step_cost([{"options": {}, "batch": 1, "ms_per_caption": 3.0}]) is None
 
 
 def test_speed_contrast_names_the_faster_decoder_and_the_ratios():

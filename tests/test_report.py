@@ -64,6 +64,9 @@ def test_markdown_report_answers_the_questions(tmp_path):
     assert "SPICE skipped: no CoreNLP" in report
     assert "iterative is faster at batch 1 and 4, clipcap at batch 16 and 64" in report
     assert "iterative vs clipcap: at batch 1 iterative takes 0.40x the latency of clipcap" in report
+    assert ("- iterative: each step costs 0.75 ms at batch 1, on top of 0.25 ms per caption "
+            "(least-squares line through K = 1, 5)") in report
+    assert "clipcap: each step" not in report  # no step counts, no line
     assert "1. a a" in report and "2. a red circle" in report
     assert "repeated" in report and "10.0%" in report
     linked = re.findall(r"\]\(([^)]+\.png)\)", report)
