@@ -84,7 +84,7 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     * ``contrast``: adds the latency ratio at batch 1 and the throughput ratio at the largest
       batch (:func:`~eval.speed.speed_contrast`).
     """
-    rows_needed = max(max(batch_sizes), images)
+    rows_needed = max(b * -(-images // b) for b in batch_sizes)  # b * ceil(images / b)
     distinct = min(len(features), images)
     features = features[torch.arange(rows_needed) % len(features)]  # (rows_needed, D)
     rows, compiled = {}, {}

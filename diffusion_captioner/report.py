@@ -180,10 +180,11 @@ def _small_batch_images(speed: dict) -> str:
     test split is smaller, the features wrapping round)."""
     images = speed["images"]
     distinct = speed.get("distinct_images", images)
-    over = (f"{images} images" if distinct >= images else
-            f"{images} images ({distinct} distinct: the test split is that small)")
-    return (f"; batches smaller than {images} are timed over {over}, so no single caption's "
-            "length sets the latency.")
+    if distinct >= images:
+        return (f"; batches smaller than {images} are timed over {images} different images, so "
+                "no single caption's length sets the latency.")
+    return (f"; batches smaller than {images} are timed over {images} images, of which only "
+            f"{distinct} are different (the test split is that small).")
 
 
 def _inline_images(body: str, run: Path) -> str:

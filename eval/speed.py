@@ -60,7 +60,7 @@ def benchmark_decoder(
 
     Several images even at batch 1, because an autoregressive decoder's latency grows with the
     caption it writes: one image's caption length would decide the latency ratio. ``features``
-    must hold at least max(max(batch_sizes), images) rows."""
+    must hold at least max over b of b * ceil(images / b) rows."""
     if images < 1:
         raise ValueError(f"benchmark: images must be >= 1, got {images}")
     decoder.eval()
@@ -89,7 +89,7 @@ def step_cost(rows: list[dict[str, Any]], batch: int = 1) -> dict[str, Any] | No
     """What one more step costs an iterative decoder at ``batch``: the least-squares line
     ``ms(K) = fixed + per_step * K`` through its rows with a ``steps`` option (other options
     equal to those of the first such row). Returns ``{"per_step_ms", "fixed_ms", "steps"}``, or
-    None with fewer than two step counts."""
+    None with fewer than two step counts. ``batch`` is returned with them."""
     stepped = [r for r in rows if r["batch"] == batch and "steps" in r["options"]]
     if not stepped:
         return None
@@ -100,12 +100,14 @@ def step_cost(rows: list[dict[str, Any]], batch: int = 1) -> dict[str, Any] | No
         return None
     per_step, fixed = statistics.linear_regression([float(k) for k, _ in points],
                                                    [ms for _, ms in points])
-    return {"per_step_ms": per_step, "fixed_ms": fixed, "steps": [k for k, _ in points]}
+    return {"per_step_ms": per_step, "fixed_ms": fixed, "steps": [k for k, _ in points],
+            "batch": batch}
 
 
 def describe_step_cost(name: str, cost: dict[str, Any]) -> str:
     """One line for a report from :func:`step_cost`."""
-    return (f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch 1, on top of "
+    return (f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch {cost['batch']}, "
+            f"on top of "
             f"{cost['fixed_ms']:.2f} ms per caption (least-squares line through K = "
             f"{', '.join(map(str, cost['steps']))}).")
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_decoder_config
 
+from diffusion_captioner.analysis import bench_decoders
 from eval.caption_stats import caption_statistics
 from eval.clipscore import clip_scores, score_with_encoder
 from eval.significance import paired_bootstrap, paired_scores
@@ -130,6 +131,16 @@ def test_small_batches_are_timed_over_several_images(tmp_path):
         benchmark_decoder(decoder, features, [{}], batch_sizes=(1,), repeats=1, images=0)
 
 
+def test_bench_decoders_wraps_too_few_features_and_says_so(tmp_path):
+    """6 images at batch 4 need 8 rows (two calls of 4): 5 test features wrap round, and the
+    result says only 5 images were different."""
+    decoder = build("decoder", tiny_decoder_config("clipcap", 16, tmp_path))
+    speed = bench_decoders({"clipcap": decoder}, {}, torch.randn(5, 16), repeats=1,
+                           batch_sizes=(1, 4), images=6)
+    assert [(r["batch"], r["images"]) for r in speed["decoders"]["clipcap"]] == [(1, 6), (4, 8)]
+    assert speed["images"] == 6 and speed["distinct_images"] == 5
+
+
 @pytest.mark.parametrize("name", ["diffusion", "clipcap", "mnic"])
 def test_compiled_step_modules_caption_as_before(name, tmp_path):
     """``dcap bench --compile`` compiles each decoder's per-step networks in place: the same
@@ -162,15 +173,15 @@ def test_the_denoiser_compiles_to_one_graph(fusion, tmp_path):
 
 
 def test_step_cost_is_the_least_squares_line_through_the_step_counts():
-    """ms(K) = 0.5 + 2 K at batch 1 (with noise that cancels in the fit); rows at other batch
-    sizes or other options stay out of it."""
+    """ms(K) = 0.5 + 2 K at batch 1 plus +-0.1 ms noise (the fit lands within 0.01 ms per step);
+    rows at other batch sizes or other options stay out of it."""
     def row(steps, ms, batch=1, **options):
         return {"options": {"steps": steps, **options}, "batch": batch, "ms_per_caption": ms}
 
     rows = [row(1, 2.5 + 0.1), row(2, 4.5 - 0.1), row(5, 10.5 - 0.1), row(10, 20.5 + 0.1),
             row(5, 99.0, batch=64), row(5, 99.0, length_beam=3)]
     cost = step_cost(rows)
-    assert cost["steps"] == [1, 2, 5, 10]
+    assert cost["steps"] == [1, 2, 5, 10] and cost["batch"] == 1
     assert cost["per_step_ms"] == pytest.approx(2.0, abs=0.02)
     assert cost["fixed_ms"] == pytest.approx(0.5, abs=0.1)
     assert step_cost([row(5, 10.0)]) is None  # one step count: no line

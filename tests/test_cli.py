@@ -174,7 +174,11 @@ def test_unreadable_image_named_and_the_rest_captioned(tiny_clip_dir, tmp_path, 
     compiled = json.loads((run / "speed_compiled.json").read_text())
     assert compiled["compile"] == {"backend": "eager", "decoders": {"clipcap": True}}
     assert (run / "speed.json").read_text() == eager  # the report's figures are left alone
-    code, out, err = run_cli(["bench", "--run", str(run), "--images", "0"], capsys)
+
+
+def test_bench_checks_images_before_loading_the_run(tmp_path, capsys):
+    code, out, err = run_cli(["bench", "--run", str(tmp_path / "no-such-run"), "--images", "0"],
+                             capsys)
     assert_one_line_error(code, err, "--images must be >= 1, got 0")
 
 

@@ -73,6 +73,17 @@ def test_markdown_report_answers_the_questions(tmp_path):
     assert "quality_vs_steps.png" in linked and "examples/7.png" in linked
 
 
+def test_speed_section_says_how_many_images_small_batches_saw():
+    config = {"command": "dcap compare", "dataset": {"type": "shapes"}}
+    metrics = run_metrics()
+    metrics["speed"].update(images=16, distinct_images=16)
+    assert ("batches smaller than 16 are timed over 16 different images, so no single "
+            "caption's length sets the latency") in render_markdown(config, metrics)
+    metrics["speed"]["distinct_images"] = 4  # a 4-image test split, wrapped round
+    assert ("timed over 16 images, of which only 4 are different (the test split is that "
+            "small)") in render_markdown(config, metrics)
+
+
 def test_html_report_inlines_existing_images(tmp_path):
     metrics = run_metrics()
     (tmp_path / "examples").mkdir()
