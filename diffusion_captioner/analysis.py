@@ -15,7 +15,13 @@ from PIL import Image
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.inference import load_run
 from eval.significance import paired_bootstrap, paired_scores
-from eval.speed import benchmark_decoder, compile_step_modules, crossover_batch, speed_contrast
+from eval.speed import (
+    benchmark_decoder,
+    check_image_count,
+    compile_step_modules,
+    crossover_batch,
+    speed_contrast,
+)
 from registry import CaptionDecoder, build
 
 logger = logging.getLogger(__name__)
@@ -125,6 +131,7 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
 
     ``threads`` defaults to the thread count the run was made with, so the figures match its
     report."""
+    check_image_count(images)  # before the run's models are loaded
     run = Path(run)
     loaded = load_run(run, device=device)
     config = json.loads((run / "config.json").read_text())

@@ -177,10 +177,8 @@ class Commands:
         named); needs a C++ compiler on CPU, adds a minute or more of compiling, and writes
         speed_compiled.json instead of speed.json."""
         from diffusion_captioner.analysis import bench_run, speed_file
-        from eval.speed import describe_contrast, describe_step_cost, step_cost
+        from eval.speed import describe_contrast, describe_step_costs
 
-        if int(images) < 1:  # before the run's models are loaded
-            raise ValueError(f"--images must be >= 1, got {images}")
         _include(include_package)
         # --compile is the flag users type, so the parameter keeps the builtin's name here
         backend = ("inductor" if compile is True else str(compile)) if compile else None
@@ -198,9 +196,8 @@ class Commands:
         first = next(iter(speed["decoders"]))
         for name, contrast in speed["contrast"].items():
             print(describe_contrast(first, name, contrast))
-        for name, rows in speed["decoders"].items():
-            if cost := step_cost(rows):
-                print(describe_step_cost(name, cost))
+        for line in describe_step_costs(speed["decoders"]):
+            print(line)
         print(f"written to {Path(run) / speed_file(backend)}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.plots import step_curves
-from eval.speed import describe_contrast, describe_step_cost, step_cost
+from eval.speed import describe_contrast, describe_step_costs
 
 REPORT_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -145,10 +145,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                 lines.append(f"- throughput of {name} vs {first}: "
                              + (f"the faster one changes at batch {batch}." if batch else
                                 "the faster one is the same at every batch size measured."))
-        for name, rows in speed.get("decoders", {}).items():
-            cost = step_cost(rows)
-            if cost:
-                lines.append(f"- {describe_step_cost(name, cost)}")
+        lines += [f"- {line}" for line in describe_step_costs(speed.get("decoders", {}))]
         lines.append("")
 
     plots = [(title, name) for title, name in (

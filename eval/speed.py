@@ -44,6 +44,12 @@ def compile_step_modules(decoder: CaptionDecoder, backend: str = "inductor") -> 
     return len(modules)
 
 
+def check_image_count(images: int) -> None:
+    """Fail in one line unless at least one image is to be timed per small batch."""
+    if int(images) < 1:
+        raise ValueError(f"benchmark: --images must be >= 1, got {images}")
+
+
 @torch.no_grad()
 def benchmark_decoder(
     decoder: CaptionDecoder,
@@ -61,8 +67,7 @@ def benchmark_decoder(
     Several images even at batch 1, because an autoregressive decoder's latency grows with the
     caption it writes: one image's caption length would decide the latency ratio. ``features``
     must hold at least max over b of b * ceil(images / b) rows."""
-    if images < 1:
-        raise ValueError(f"benchmark: images must be >= 1, got {images}")
+    check_image_count(images)
     decoder.eval()
     rows = []
     for opts in options:
@@ -90,12 +95,14 @@ def step_cost(rows: list[dict[str, Any]], batch: int = 1) -> dict[str, Any] | No
     ``ms(K) = fixed + per_step * K`` through its rows with a ``steps`` option (other options
     equal to those of the first such row). Returns ``{"per_step_ms", "fixed_ms", "steps"}``, or
     None with fewer than two step counts. ``batch`` is returned with them."""
+    def other_options(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row["options"].items() if k != "steps"}
+
     stepped = [r for r in rows if r["batch"] == batch and "steps" in r["options"]]
     if not stepped:
         return None
-    others = {k: v for k, v in stepped[0]["options"].items() if k != "steps"}
     points = sorted((int(r["options"]["steps"]), r["ms_per_caption"]) for r in stepped
-                    if {k: v for k, v in r["options"].items() if k != "steps"} == others)
+                    if other_options(r) == other_options(stepped[0]))
     if len({k for k, _ in points}) < 2:
         return None
     per_step, fixed = statistics.linear_regression([float(k) for k, _ in points],
@@ -104,12 +111,17 @@ def step_cost(rows: list[dict[str, Any]], batch: int = 1) -> dict[str, Any] | No
             "batch": batch}
 
 
-def describe_step_cost(name: str, cost: dict[str, Any]) -> str:
-    """One line for a report from :func:`step_cost`."""
-    return (f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch {cost['batch']}, "
-            f"on top of "
-            f"{cost['fixed_ms']:.2f} ms per caption (least-squares line through K = "
-            f"{', '.join(map(str, cost['steps']))}).")
+def describe_step_costs(decoders: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per iterative decoder (``{name: rows}``) from :func:`step_cost`."""
+    lines = []
+    for name, rows in decoders.items():
+        cost = step_cost(rows)
+        if cost:
+            lines.append(f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch "
+                         f"{cost['batch']}, on top of {cost['fixed_ms']:.2f} ms per caption "
+                         "(least-squares line through K = "
+                         f"{', '.join(map(str, cost['steps']))}).")
+    return lines
 
 
 def crossover_batch(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> int | None:

@@ -127,7 +127,7 @@ def test_small_batches_are_timed_over_several_images(tmp_path):
     with pytest.raises(ValueError, match="64 feature rows, 96 needed"):
         benchmark_decoder(decoder, features, [{}], batch_sizes=(32,), repeats=1, warmup=0,
                           images=96)
-    with pytest.raises(ValueError, match="images must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="--images must be >= 1, got 0"):
         benchmark_decoder(decoder, features, [{}], batch_sizes=(1,), repeats=1, images=0)
 
 
