@@ -200,13 +200,32 @@ class Commands:
             print(line)
         print(f"written to {Path(run) / speed_file(backend)}")
 
-    def evaluate(self, results: str, annotations: str, out: str | None = None) -> None:
-        """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap)."""
+    def evaluate(self, results: str, annotations: str, out: str | None = None,
+                 paper_bleu: str | None = None) -> None:
+        """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap).
+
+        Args:
+            paper_bleu: also print BLEU-4 by the original CLIP-DiffusionLM code's protocol
+                (eval/paper_bleu.py), decoding with this word-piece tokenizer (a hub name such
+                as ``distilbert-base-uncased`` or a local folder).
+        """
         from eval.metrics import evaluate_files
 
+        bleu_tokenizer = None
+        if paper_bleu:
+            from eval.paper_bleu import load_paper_bleu_tokenizer
+
+            bleu_tokenizer = load_paper_bleu_tokenizer(str(paper_bleu))
         report = evaluate_files(results, annotations, out)
         for name, value in report.scores.items():
             print(f"{name}: {value:.3f}")
+        if bleu_tokenizer is not None:
+            from eval.coco_format import load_annotations, load_results
+            from eval.paper_bleu import paper_bleu as original_bleu
+
+            value = original_bleu(load_results(results), load_annotations(annotations),
+                                  bleu_tokenizer)
+            print(f"paper_BLEU_4: {value:.4f}  (the original code's protocol)")
         for name, reason in report.skipped.items():
             print(f"{name}: skipped ({reason})")
         if out:

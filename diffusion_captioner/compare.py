@@ -31,8 +31,9 @@ from diffusion_captioner.report import render_html, render_markdown
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
-from eval.coco_format import write_annotations, write_results
+from eval.coco_format import load_results, write_annotations, write_results
 from eval.metrics import ALL_METRICS, find_java, score_captions
+from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
 from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
 from registry import build, registered_name, resolve
 
@@ -195,6 +196,10 @@ def compare(
         "threads": torch.get_num_threads(),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
+    # its tokenizer is loaded now, so an offline machine fails before any training
+    protocol = dict(plan.get("paper_bleu") or {})
+    bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer")) if protocol else None
 
     needs_text = any(resolve("decoder", p["decoder"]["type"]).needs_text_features
                      for p in plans.values())
@@ -207,6 +212,12 @@ def compare(
                  for name in plans}
 
     names = list(summaries)
+    if bleu_tokenizer is not None:
+        references = {r.image_id: list(r.captions) for r in test.records}
+        for name in names:
+            results = load_results(out / name / "results_test.json")
+            summaries[name]["paper_bleu"] = paper_bleu(results, references, bleu_tokenizer,
+                                                       **protocol)
     loaded = load_run(out, names, device=device)
     metrics: dict[str, Any] = {
         "dataset": dataset_cfg, "encoder": {**encoder_cfg, "fingerprint": work.encoder.fingerprint},

@@ -97,6 +97,12 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     lines.append("")
     for metric, reason in sorted(skipped.items()):
         lines.append(f"- {metric} skipped: {reason}")
+    paper = {n: s["paper_bleu"] for n, s in decoders.items() if "paper_bleu" in s}
+    if paper:
+        lines.append("- BLEU-4 by the original CLIP-DiffusionLM code's protocol (torchmetrics over "
+                     "DistilBERT word pieces, [CLS]/[SEP] kept, batches of 8; not comparable with "
+                     "Bleu_4 above, comparable with the paper's 0.1876): "
+                     + ", ".join(f"{n} {v:.4f}" for n, v in paper.items()))
     skipped_images = {k: v for k, v in metrics.get("skipped_images", {}).items() if v}
     if skipped_images:
         lines.append(f"- unreadable images skipped (named in the log): {skipped_images}")

@@ -35,25 +35,39 @@ from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
 
-LRSchedule = Literal["constant", "linear", "cosine_with_restarts"]
+LRSchedule = Literal["constant", "linear", "cosine_with_restarts", "linear_per_epoch"]
+CheckpointRule = Literal["best_val", "first_overfit"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by every decoder (AdamW)."""
+    """Optimisation settings shared by every decoder (AdamW).
+
+    ``lr_schedule``: ``constant``, ``linear`` (to 0), ``cosine_with_restarts`` (transformers'
+    schedules, after ``warmup_steps``), or ``linear_per_epoch``: epoch e of E trains at
+    ``lr + (final_lr - lr) e / (E - 1)``, constant within the epoch (the original CLIP-DiffusionLM
+    code's ``torch.linspace(1e-4, 5e-5, EPOCH_NUM)``; needs ``epochs``).
+    ``checkpoint_rule``: which weights become ``checkpoint/best``: ``best_val`` (the lowest
+    validation loss) or ``first_overfit`` (the original's rule: the weights at the first
+    validation whose loss exceeds ``overfit_ratio`` x the mean training loss since the previous
+    one; the last weights when that never happens). ``eval_every``: steps, or ``"epoch"``.
+    """
 
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_schedule: LRSchedule = "constant"
+    final_lr: float | None = None  # linear_per_epoch: the last epoch's lr
     warmup_steps: int = 0
     num_cycles: int = 1  # cosine_with_restarts: number of hard restarts
     epochs: float | None = None  # train for this many passes over the captions ...
     max_steps: int | None = None  # ... or this many optimizer steps (the smaller wins)
     max_minutes: float | None = None  # wall-clock budget on top of the step budget
-    eval_every: int = 500
+    eval_every: int | Literal["epoch"] = 500
     eval_batches: int | None = 20  # validation loss over at most this many batches
+    checkpoint_rule: CheckpointRule = "best_val"
+    overfit_ratio: float = 1.02  # first_overfit: validation / training loss ratio
     save_every: int | None = None  # last-checkpoint cadence; default: eval_every
     log_every: int = 25
     grad_accum: int = 1
@@ -69,7 +83,21 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
-        return cls(**values)
+        config = cls(**values)
+        choices = {"lr_schedule": LRSchedule, "checkpoint_rule": CheckpointRule}
+        for name, literal in choices.items():
+            if getattr(config, name) not in literal.__args__:
+                raise ValueError(f"training option {name}={getattr(config, name)!r}; choose one "
+                                 f"of: {', '.join(literal.__args__)}")
+        if config.lr_schedule == "linear_per_epoch" and (config.epochs is None
+                                                         or config.final_lr is None):
+            raise ValueError("training option lr_schedule='linear_per_epoch' needs epochs and "
+                             "final_lr")
+        if not (config.eval_every == "epoch" or (isinstance(config.eval_every, int)
+                                                 and config.eval_every >= 1)):
+            raise ValueError(f"training option eval_every={config.eval_every!r}: a number of "
+                             "steps >= 1, or 'epoch'")
+        return config
 
 
 class CaptionPairs:
@@ -109,6 +137,9 @@ class TrainerState:
     best_val_loss: float = math.inf
     elapsed_seconds: float = 0.0
     finished: bool = False
+    train_loss_sum: float = 0.0  # training loss since the last validation (first_overfit)
+    train_loss_steps: int = 0
+    overfit_kept: bool = False
 
 
 class Trainer:
@@ -137,17 +168,36 @@ class Trainer:
         self.total_steps = self._total_steps()
         from transformers import get_scheduler
 
-        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-        scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=config.warmup_steps,
-            num_training_steps=self.total_steps,
-            scheduler_specific_kwargs={"num_cycles": config.num_cycles}
-            if config.lr_schedule == "cosine_with_restarts" else None,
-        )
+        if config.lr_schedule == "linear_per_epoch":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._per_epoch_factor)
+        else:
+            name = ("constant_with_warmup" if config.lr_schedule == "constant"
+                    else config.lr_schedule)
+            scheduler = get_scheduler(
+                name, optimizer, num_warmup_steps=config.warmup_steps,
+                num_training_steps=self.total_steps,
+                scheduler_specific_kwargs={"num_cycles": config.num_cycles}
+                if config.lr_schedule == "cosine_with_restarts" else None,
+            )
         self.model, self.optimizer = self.accelerator.prepare(decoder, optimizer)
         self.scheduler = scheduler
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
+
+    def _per_epoch_factor(self, step: int) -> float:
+        """linear_per_epoch: lr(step) / lr, constant within an epoch."""
+        cfg = self.config
+        epochs = max(1, math.ceil(cfg.epochs))
+        epoch = min(epochs - 1, step * cfg.grad_accum // self.batches_per_epoch)
+        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
+        return (cfg.lr + (cfg.final_lr - cfg.lr) * fraction) / cfg.lr
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between validations (``eval_every``; one epoch's steps for ``"epoch"``)."""
+        if self.config.eval_every == "epoch":
+            return max(1, self.batches_per_epoch // self.config.grad_accum)
+        return int(self.config.eval_every)
 
     # ------------------------------------------------------------------ schedule of examples
     @property
@@ -256,7 +306,7 @@ class Trainer:
             logger.info("training already finished at step %d", self.state.step)
             return self.state
         self.out.mkdir(parents=True, exist_ok=True)
-        save_every = cfg.save_every or cfg.eval_every
+        save_every = cfg.save_every or self.eval_interval
         log_path = self.out / "train_log.jsonl"
         log = jsonlines.open(log_path, mode="a") if self.accelerator.is_main_process else None
         started = time.time() - self.state.elapsed_seconds
@@ -279,6 +329,8 @@ class Trainer:
                     for name, value in parts.items():
                         running[name] = running.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
                 running_steps += 1
+                self.state.train_loss_sum += float(parts["loss"].detach())
+                self.state.train_loss_steps += 1
                 self.scheduler.step()
                 self.state.step += 1
                 self.state.elapsed_seconds = time.time() - started
@@ -293,7 +345,7 @@ class Trainer:
                 out_of_time = cfg.max_minutes is not None and \
                     self.state.elapsed_seconds >= cfg.max_minutes * 60
                 last_step = self.state.step >= self.total_steps or out_of_time
-                if self.state.step % cfg.eval_every == 0 or last_step:
+                if self.state.step % self.eval_interval == 0 or last_step:
                     self._evaluate(log)
                 if last_step:
                     self.state.finished = True
@@ -313,14 +365,25 @@ class Trainer:
 
     def _evaluate(self, log) -> None:
         val_loss = self.validate()
-        if val_loss is None or val_loss < self.state.best_val_loss:
+        state = self.state
+        train_loss = state.train_loss_sum / max(1, state.train_loss_steps)
+        state.train_loss_sum, state.train_loss_steps = 0.0, 0
+        if self.config.checkpoint_rule == "first_overfit":
+            # the original's rule: keep the first weights whose validation loss exceeds
+            # overfit_ratio x the training loss since the last validation (else the last ones)
+            if (val_loss is not None and not state.overfit_kept
+                    and val_loss > self.config.overfit_ratio * train_loss):
+                state.overfit_kept, state.best_val_loss = True, val_loss
+                self._save_best()
+        elif val_loss is None or val_loss < state.best_val_loss:
             if val_loss is not None:
-                self.state.best_val_loss = val_loss
+                state.best_val_loss = val_loss
             self._save_best()
         if val_loss is not None:
-            self._log(log, {"step": self.state.step, "val_loss": round(val_loss, 6),
-                            "best_val_loss": round(self.state.best_val_loss, 6),
-                            "elapsed_s": round(self.state.elapsed_seconds, 2)})
+            self._log(log, {"step": state.step, "val_loss": round(val_loss, 6),
+                            "train_loss": round(train_loss, 6),
+                            "best_val_loss": round(state.best_val_loss, 6),
+                            "elapsed_s": round(state.elapsed_seconds, 2)})
 
     def _log(self, log, entry: dict[str, Any]) -> None:
         if log is not None:

@@ -290,7 +290,7 @@ def memorised(tmp_path_factory):
     torch.manual_seed(0)
     decoder = build_tiny(tmp_path_factory.mktemp("memorise"), embed_scale=0.3,
                          input_scaling=True, x1_loss=False, mixed_noise=0.75, length_head=True,
-                         temperature=0.0)
+                         temperature=0.0, sampler="refine")
     batch = fixed_batch()
     train(decoder, batch, steps=600)
     return decoder, batch
@@ -312,18 +312,22 @@ def test_generate_shapes_counts_and_determinism(memorised):
     assert decoder.training  # mode restored
     assert len(first) == 6 and all(isinstance(c, str) for c in first)
     assert decoder.generate(features, steps=3, seed=7) == first
-    for options in ({"sampler": "feed"}, {"sampler": "renoise", "clamp": True}, {"sampler": "refine"},
-                    {"guidance": 0.3, "temperature": 0.5}, {"num_beams": 3}):
+    for options in ({"sampler": "renoise"}, {"sampler": "renoise", "clamp": True},
+                    {"sampler": "refine"}, {"guidance": 0.3}, {"num_beams": 3}):
         again = decoder.generate(features, steps=2, seed=3, **options)
         assert again == decoder.generate(features, steps=2, seed=3, **options)
         assert len(again) == 6
     assert decoder.generate(features[:0]) == []
     with pytest.raises(ValueError, match="ddim"):
         decoder.generate(features, sampler="euler")
+    with pytest.raises(ValueError, match="time_embedding=False"):  # no label fits an estimate
+        decoder.generate(features, sampler="feed")
+    with pytest.raises(ValueError, match="temperature 1"):  # trained at temperature 0
+        decoder.generate(features, sampler="ddim")
 
 
 @pytest.mark.parametrize("steps", [1, 4])
-@pytest.mark.parametrize("sampler", ["ddim", "refine"])
+@pytest.mark.parametrize("sampler", ["renoise", "refine"])
 def test_trajectory_has_k_entries_ending_in_the_caption(memorised, steps, sampler):
     decoder, _ = memorised
     features = torch.randn(3, FEATURE_DIM)
@@ -400,17 +404,17 @@ def test_paper_preset_builds_against_a_stand_in_distilbert(stand_in_distilbert, 
     assert decoder_plan(load_preset("paper"), "clipcap") == decoder_plan(
         load_preset("clipcap-paper"), "clipcap")
     assert decoder_plan(load_preset("paper"), "mnic")["decoder"]["lm"] == "bert-base-uncased"
-    assert plan["train"]["lr"] == 1e-4 and plan["train"]["lr_schedule"] == "constant"
-    config = {**plan["decoder"], "lm": str(directory)}
+    assert plan["train"]["lr"] == 1e-4 and plan["train"]["lr_schedule"] == "linear_per_epoch"
+    config = {**plan["decoder"], "lm": str(directory), "timesteps_per_caption": 3}
     decoder = build("decoder", config, feature_dim=FEATURE_DIM)
     assert decoder.config["max_length"] == 16 and decoder.schedule.steps == 1000
     assert decoder.schedule.name == "cosine" and decoder.config["rounding_weight"] == 0.3
-    # pretrained word embeddings and body were loaded, embeddings frozen
+    # the original: pretrained word embeddings (frozen), a random body, no timestep input
     assert torch.equal(decoder.word_embeddings, pretrained.get_input_embeddings().weight)
     layer = "transformer.layer.0.attention.q_lin.weight"
-    assert torch.equal(decoder.denoiser.mlm.distilbert.state_dict()[layer],
-                       pretrained.distilbert.state_dict()[layer])
-    assert not decoder.word_embeddings.requires_grad
+    assert not torch.equal(decoder.denoiser.mlm.distilbert.state_dict()[layer],
+                           pretrained.distilbert.state_dict()[layer])
+    assert not decoder.word_embeddings.requires_grad and decoder.denoiser.time_embed is None
     parts = decoder.loss(fixed_batch())
     assert all(torch.isfinite(v) for v in parts.values())
     captions = decoder.generate(torch.randn(2, FEATURE_DIM), **plan["generate"])

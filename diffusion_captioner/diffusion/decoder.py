@@ -5,8 +5,11 @@ embeddings into x_0 (B, L, E) -- optionally standardised per dimension and scale
 
     x_0 = s * (E[w] - mu) / sigma          (normalize_embeddings)     or   x_0 = s * E[w]
 
-Training draws t ~ U{1..T}, x_t = q_sample(x_0, t, eps), and the denoiser predicts x0_hat directly
-(Diffusion-LM). The loss, every part of which is returned for the log::
+Training draws t ~ U{1..T} (N levels per caption with ``timesteps_per_caption``, the original's
+``SAMPLE_SIZE``), x_t = q_sample(x_0, t, eps), and the denoiser predicts x0_hat directly
+(Diffusion-LM). A position at t = T carries tau * eps (the *T state*, tau = ``temperature``),
+exactly what generation starts from and what ``refine`` restarts with, so at tau = 0 it is an
+absorbing zero vector. The loss, every part of which is returned for the log::
 
     L_simple' = sum_pos mean_dim d(x0_hat(x_t), x_0) + [x_1 term] sum_pos mean_dim d(x0_hat(x_1), x_0)
     L_R       = sum_pos CE(w, head(x0_hat(x_t))) + [x_1 term] sum_pos CE(w, head(x0_hat(x_1)))
@@ -26,9 +29,10 @@ ends at the first predicted end or pad token (no de-duplication).
 The ``refine`` sampler is mask-predict in continuous form (LaDiC's "back and refine" taken to every
 step): after step k of K, with n the predicted length (first end/pad word), the floor((n + 1)(K - k)
 / K) least confident of the first n + 1 positions (max LM-head probability) restart from pure noise
-at t = T while all others are committed to their most probable word's clean embedding (t = 0), so
-the next call fills the uncertain positions consistently with the committed ones. It needs a
-denoiser that has seen per-position noise levels: ``mixed_noise`` > 0.
+at t = T (the T state) while all others are committed to their most probable word's clean
+embedding (t = 0), so the next call fills the uncertain positions consistently with the committed
+ones. It needs a denoiser that has seen per-position noise levels: ``mixed_noise`` > 0, or
+``refine_noise`` > 0, which trains on exactly the inputs refine feeds.
 
 Classifier-free guidance. In training the caption's CLIP text feature (``batch["text_features"]``)
 fills the text slot and is dropped with probability ``text_dropout`` (absent text features count as
@@ -59,6 +63,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from diffusion_captioner.diffusion.denoiser import (
     Denoiser,
     FusionName,
+    ProjectionName,
     build_masked_lm,
 )
 from diffusion_captioner.diffusion.samplers import (
@@ -133,7 +138,24 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         embed_scale: s, the scale of x_0 (relative to the noise) after that.
         input_scaling: divide x_t by its standard deviation sqrt(abar s'^2 + 1 - abar) before
             the network (s' the per-dimension std of x_0), so every t gives unit-scale inputs.
-        normalize_features: L2-normalise the CLIP features first (to norm sqrt(D)).
+        normalize_features: L2-normalise the CLIP features first, to norm ``feature_norm``
+            (None: sqrt(D), unit scale per element; the original code's features are unit norm).
+        projection: ``"mlp"`` or ``"linear"`` (the original's single ``nn.Linear``) from a CLIP
+            feature to its tokens.
+        start_token: begin every caption with the tokenizer's [CLS] (the original code's
+            ``[CLS] words [SEP] [PAD]...``; L counts it).
+        timesteps_per_caption: N, noise levels per caption per training step (the original's
+            ``SAMPLE_SIZE = 100``): the batch becomes N x B denoiser rows and L_simple', L_R
+            their mean; the x_1 term stays once per caption.
+        shared_timesteps: the N timesteps are drawn once per step for the whole batch (the
+            original); else per caption.
+        shared_noise: each caption's one noise draw is reused at its N timesteps (the original).
+        mask_padding: hide the padding positions from attention in training (the original; at
+            inference every position is attended, as there).
+        refine_noise: the fraction of training captions corrupted exactly as the ``refine``
+            sampler feeds the denoiser: with a per-caption r ~ U(0, 1), each position of the span
+            (words and end token) restarts (the T state, t = T) with probability r, every other
+            position is committed (clean, t = 0).
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
             q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
@@ -144,7 +166,16 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             (t = 0), and generation commits the predicted end token and padding from the first
             step (as mask-predict's length prediction), so only the first n positions are
             denoised.
-        steps, sampler, clamp, guidance, temperature: generation defaults (see :meth:`generate`).
+        temperature: tau, the scale of the noise at t = T: the input a position carries at
+            t = T is tau * eps, in training (the "T state": at tau = 0 an absorbing zero
+            vector, like mask-predict's [MASK]) as in generation (the start and ``refine``'s
+            restarts), so the two always agree.
+        steps, sampler, clamp, guidance: generation defaults (see :meth:`generate`).
+
+    Every sampler hands the denoiser inputs of a kind training produced at that timestep label:
+    ``feed`` passes its own clean estimate, which no timestep label describes, so it needs
+    ``time_embedding=False`` (the original code); ``refine`` needs per-position noise in training
+    (``mixed_noise`` or ``refine_noise``). Other combinations fail at construction.
     """
 
     step_sweep = (1, 2, 5, 10, 20)
@@ -177,6 +208,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         normalize_features: bool = True,
         mixed_noise: float = 0.0,
         length_head: bool = False,
+        feature_norm: float | None = None,
+        projection: ProjectionName = "mlp",
+        start_token: bool = False,
+        timesteps_per_caption: int = 1,
+        shared_timesteps: bool = False,
+        shared_noise: bool = False,
+        mask_padding: bool = False,
+        refine_noise: float = 0.0,
         steps: int = 5,
         sampler: SamplerName = "ddim",
         clamp: bool = False,
@@ -199,6 +238,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             "normalize_embeddings": bool(normalize_embeddings), "embed_scale": float(embed_scale),
             "input_scaling": bool(input_scaling), "normalize_features": bool(normalize_features),
             "mixed_noise": float(mixed_noise), "length_head": bool(length_head),
+            "feature_norm": float(feature_norm) if feature_norm is not None else None,
+            "projection": projection, "start_token": bool(start_token),
+            "timesteps_per_caption": int(timesteps_per_caption),
+            "shared_timesteps": bool(shared_timesteps), "shared_noise": bool(shared_noise),
+            "mask_padding": bool(mask_padding), "refine_noise": float(refine_noise),
             "steps": int(steps), "sampler": sampler, "clamp": bool(clamp),
             "guidance": float(guidance), "temperature": float(temperature),
         }
@@ -212,6 +256,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: text_dropout must be in [0, 1], got {text_dropout}")
         if embed_scale <= 0:
             raise ValueError(f"diffusion: embed_scale must be > 0, got {embed_scale}")
+        if int(timesteps_per_caption) < 1:
+            raise ValueError("diffusion: timesteps_per_caption must be >= 1, got "
+                             f"{timesteps_per_caption}")
+        if not 0.0 <= refine_noise <= 1.0:
+            raise ValueError(f"diffusion: refine_noise must be in [0, 1], got {refine_noise}")
+        if temperature < 0:
+            raise ValueError(f"diffusion: temperature must be >= 0, got {temperature}")
+        self._check_sampler(sampler)
         self.max_length = int(max_length)
         self.schedule = NoiseSchedule(schedule, diffusion_steps)
         self.restore_fn = RESTORE_LOSSES[restore_loss]
@@ -235,7 +287,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             time_embedding=bool(time_embedding), self_conditioning=bool(self_conditioning),
             text_condition=bool(text_condition),
             zero_init=bool(lm_pretrained and body_pretrained), image_tokens=int(image_tokens),
+            projection=projection,
         )
+        if start_token and self.tokenizer.cls_token_id is None:
+            raise ValueError(f"diffusion: start_token needs a tokenizer with a [CLS] token; "
+                             f"{tokenizer_name!r} has none")
+        if start_token and self.max_length < 3:
+            raise ValueError("diffusion: max_length must be >= 3 with start_token")
         if self.max_length > self.denoiser.max_tokens:
             raise ValueError(
                 f"diffusion: max_length {self.max_length} plus the fusion's "
@@ -260,6 +318,27 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self.register_buffer("emb_std", std)
         self.register_buffer("x0_std", ((table - mean) / std * embed_scale).std().reshape(()))
         self.register_buffer("rounding_lambda", torch.tensor(float(rounding_weight)))
+
+    def _check_sampler(self, sampler: str) -> None:
+        """Refuse a sampler whose inputs this configuration never trains on (see the class
+        docstring); an unknown name fails listing the samplers."""
+        sampler_for(sampler)
+        cfg = self._config
+        if sampler == "feed" and cfg["time_embedding"]:
+            raise ValueError(
+                "diffusion: the feed sampler hands the denoiser its own clean x_0 estimate, which "
+                "no timestep label matches in training (t = 800 means a noisy input there); use "
+                "time_embedding=False (the original code) or the ddim / renoise sampler")
+        if sampler == "ddim" and cfg["temperature"] != 1:
+            raise ValueError(
+                f"diffusion: DDIM from a start at temperature {cfg['temperature']:g} carries almost "
+                "no noise into its later steps, while training shows unit-variance noise at every "
+                "t < T; use temperature 1, or the renoise / refine sampler")
+        if sampler == "refine" and cfg["mixed_noise"] == 0 and cfg["refine_noise"] == 0:
+            raise ValueError(
+                "diffusion: the refine sampler feeds committed words (t = 0) beside restarted "
+                "positions (t = T), which training never shows without per-position noise; "
+                "set mixed_noise or refine_noise > 0, or use another sampler")
 
     # ---------------------------------------------------------------- config and checkpoints
     @property
@@ -307,11 +386,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         return raw @ self.word_embeddings.T  # (B, L, V)
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> (B, L) ids: words cut to L - 1, the end token, then padding to L."""
+        """Captions -> (B, L) ids: words cut to L - 1 (L - 2 after a ``start_token``), the end
+        token, then padding to L."""
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
         ids = torch.full((len(encoded), self.max_length), self.pad_token_id, dtype=torch.long)
+        start = [int(self.tokenizer.cls_token_id)] if self._config["start_token"] else []
         for i, row in enumerate(encoded):
-            row = row[: self.max_length - 1] + [self.end_token_id]
+            row = start + row[: self.max_length - 1 - len(start)] + [self.end_token_id]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return ids.to(self.device)  # (B, L)
 
@@ -326,8 +407,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         at ~0.09 per element and be drowned in the input LayerNorm)."""
         z = features.to(device=self.device, dtype=self.x0_std.dtype)  # (B, D)
         if self._config["normalize_features"]:
-            z = F.normalize(z, dim=-1) * z.shape[-1] ** 0.5  # (B, D)
+            z = F.normalize(z, dim=-1) * self._feature_norm(z.shape[-1])  # (B, D)
         return z
+
+    def _feature_norm(self, dim: int) -> float:
+        norm = self._config["feature_norm"]
+        return dim ** 0.5 if norm is None else norm
 
     def _input_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """c_in(t) = 1 / sqrt(abar_t s'^2 + 1 - abar_t) (1 without ``input_scaling``), (B, 1, 1)
@@ -340,11 +425,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                 text: torch.Tensor | None = None, text_keep: torch.Tensor | None = None,
                 self_cond: torch.Tensor | None = None,
-                projected: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+                projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                caption_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x0_hat (B, L, E) from x_t (B, L, E) at timesteps t (B,) or (B, L) (inputs scaled by c_in);
-        ``projected``: the denoiser's projections of ``image`` and ``text``, if already made."""
+        ``projected``: the denoiser's projections of ``image`` and ``text``, if already made;
+        ``caption_mask`` (B, L): the caption positions attended to (None: all)."""
         x_in = x_t * self._input_scale(t, x_t)  # (B, L, E)
-        return self.denoiser(x_in, t, image, text, text_keep, self_cond, projected)  # (B, L, E)
+        return self.denoiser(x_in, t, image, text, text_keep, self_cond, projected,
+                             caption_mask)  # (B, L, E)
 
     # ---------------------------------------------------------------- training
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -355,7 +443,6 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: {image.shape[0]} features but {len(captions)} captions")
         batch_size = image.shape[0]
         ids = self.encode_captions(captions)  # (B, L)
-        x0 = self.embed(ids)  # (B, L, E)
 
         # Training draws from the global RNG; evaluation from a fixed seed, so validation losses
         # of different steps are comparable (same t, noise and dropout for the same batch).
@@ -364,8 +451,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         def uniform(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator).to(self.device)
 
-        def gaussian(like: torch.Tensor) -> torch.Tensor:
-            return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
+        def gaussian(*shape: int) -> torch.Tensor:
+            dtype = self.x0_std.dtype
+            return torch.randn(shape, generator=generator).to(self.device, dtype)
 
         text = batch.get("text_features")
         if text is not None and self.denoiser.text_proj is not None:
@@ -375,36 +463,133 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             text = None
             keep = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
-        t = self.schedule.sample_timesteps(batch_size, self.device, generator)  # (B,)
-        if self._config["mixed_noise"] > 0:
-            t = self._mix_timesteps(t, ids.shape[1], uniform)  # (B, L)
-        length_loss = None
+        t = self._draw_timesteps(ids, uniform, generator)  # (N B,) or (N B, L)
+        length, width = ids.shape[1], self.word_embeddings.shape[1]
+        if self._config["shared_noise"]:  # one draw per caption, at each of its N timesteps
+            noise = gaussian(batch_size, length, width).repeat(t.shape[0] // batch_size, 1, 1)
+        else:
+            noise = gaussian(t.shape[0], length, width)  # (N B, L, E)
+        self_condition = self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5)
+        noise_1 = gaussian(batch_size, length, width) if self._config["x1_loss"] else None
+        parts = self.denoising_loss(ids, image, text, keep, t, noise, noise_1, self_condition)
+        total = parts["loss"]
         if self.length_head is not None:
             words = (ids == self.end_token_id).long().argmax(-1)  # (B,), where the end token is
-            length_loss = F.cross_entropy(self.length_head(image), words)
-            positions = torch.arange(ids.shape[1], device=self.device)  # (L,)
-            given = (uniform(batch_size) < 0.5)[:, None] & (positions[None] >= words[:, None])
-            t = torch.where(given, 0, t if t.dim() == 2 else t[:, None].expand_as(ids))  # (B, L)
-        x_t = self.schedule.q_sample(x0, t, gaussian(x0))  # (B, L, E)
+            parts["length"] = F.cross_entropy(self.length_head(image), words)
+            total = total + parts["length"]
+        if self.text_prior is not None:
+            raw_text = batch.get("text_features")
+            if raw_text is not None:
+                target = self._features(raw_text)  # (B, D)
+                prior = F.mse_loss(self._prior(image.detach()), target)
+            else:
+                prior = image.new_zeros(())
+            parts["prior"] = prior
+            total = total + prior
+        parts["loss"] = total
+        return parts
+
+    def _draw_timesteps(self, ids: torch.Tensor, uniform, generator) -> torch.Tensor:
+        """Every training row's timestep(s): (N B,) one per row, or (N B, L) one per position
+        (rows n B .. n B + B - 1 hold the batch's captions at their n-th noise level).
+
+        N = ``timesteps_per_caption`` levels t ~ U{1..T} per caption (shared by the whole batch
+        with ``shared_timesteps``), then per-position levels: ``refine_noise`` rows as the refine
+        sampler feeds them, ``mixed_noise`` rows lowered (:meth:`_mix_timesteps`), and with a
+        length head half the rows see their end token and padding clean."""
+        batch, length = ids.shape
+        levels = self._config["timesteps_per_caption"]
+        if self._config["shared_timesteps"]:
+            t = self.schedule.sample_timesteps(levels, self.device, generator)  # (N,)
+            t = t.repeat_interleave(batch)  # (N B,)
+        else:
+            t = self.schedule.sample_timesteps(levels * batch, self.device, generator)  # (N B,)
+        ids = ids.repeat(levels, 1)  # (N B, L)
+        rows = ids.shape[0]
+        if self._config["mixed_noise"] > 0:
+            t = self._mix_timesteps(t, length, uniform)  # (N B, L)
+        if self._config["refine_noise"] > 0:
+            t = self._refine_timesteps(t, ids, uniform)  # (N B, L)
+        if self.length_head is not None:
+            words = (ids == self.end_token_id).long().argmax(-1)  # (N B,), the end token
+            positions = torch.arange(length, device=self.device)  # (L,)
+            given = (uniform(rows) < 0.5)[:, None] & (positions[None] >= words[:, None])
+            t = torch.where(given, 0, t if t.dim() == 2 else t[:, None].expand_as(ids))
+        return t
+
+    def _refine_timesteps(self, t: torch.Tensor, ids: torch.Tensor, uniform) -> torch.Tensor:
+        """(R,) or (R, L) timesteps -> (R, L): in a ``refine_noise`` fraction of the rows, what
+        the refine sampler feeds: each span position (words and end token) at t = T with a
+        per-row probability r ~ U(0, 1), every other position clean (t = 0)."""
+        rows, length = ids.shape
+        chosen = uniform(rows) < self._config["refine_noise"]  # (R,)
+        r = uniform(rows)  # (R,)
+        restart = uniform(rows, length) < r[:, None]  # (R, L)
+        words = (ids == self.end_token_id).long().argmax(-1)  # (R,)
+        inside = torch.arange(length, device=self.device)[None] <= words[:, None]  # (R, L)
+        refine = torch.where(restart & inside, self.schedule.steps, 0)  # (R, L)
+        t = t if t.dim() == 2 else t[:, None].expand(rows, length)  # (R, L)
+        return torch.where(chosen[:, None], refine, t)
+
+    def t_state(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Positions at t = T carry ``temperature * eps`` (the T state), as generation's start
+        and the refine sampler's restarts do; q_sample's sqrt(abar_T) x_0 there is ~5e-5 x_0."""
+        at_end = t == self.schedule.steps  # (R,) or (R, L)
+        at_end = at_end.view(*t.shape, *([1] * (x_t.dim() - t.dim())))  # broadcastable
+        return torch.where(at_end, self._config["temperature"] * noise, x_t)
+
+    def denoising_loss(self, ids: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
+                       keep: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       noise_1: torch.Tensor | None = None,
+                       self_condition: bool = False) -> dict[str, torch.Tensor]:
+        """L_simple' + lambda L_R (key ``loss``) and its parts for given draws: ``ids`` (B, L),
+        ``image`` (B, D), ``text`` (B, D) or None, ``keep`` (B,), ``t`` (N B,) or (N B, L) and
+        ``noise`` (N B, L, E) for N noise levels per caption (row n B + b is caption b at its
+        n-th level), ``noise_1`` (B, L, E) for the x_1 term (None: no x_1 term).
+
+        With N levels the x_t terms are means over the N B rows, i.e. the mean of the N
+        single-level losses; the x_1 term is counted once per caption."""
+        batch = ids.shape[0]
+        levels = t.shape[0] // batch
+        x0 = self.embed(ids)  # (B, L, E)
+        caption_mask = None
+        if self._config["mask_padding"]:  # [CLS] words [SEP] attended, padding hidden
+            words = (ids == self.end_token_id).long().argmax(-1)  # (B,)
+            caption_mask = torch.arange(ids.shape[1], device=ids.device)[None] <= words[:, None]
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, ...) -> (N B, ...)
+            return None if x is None or levels == 1 else x.repeat(levels, *([1] * (x.dim() - 1)))
+
+        ids_n = rows(ids) if levels > 1 else ids  # (N B, L)
+        x0_n = rows(x0) if levels > 1 else x0  # (N B, L, E)
+        image_n = rows(image) if levels > 1 else image  # (N B, D)
+        text_n = rows(text) if levels > 1 else text  # (N B, D) or None
+        keep_n = rows(keep) if levels > 1 else keep  # (N B,)
+        mask_n = rows(caption_mask) if levels > 1 else caption_mask  # (N B, L) or None
+
+        x_t = self.t_state(self.schedule.q_sample(x0_n, t, noise), t, noise)  # (N B, L, E)
         self_cond = None  # absent: the denoiser feeds zeros (Chen et al. 2022)
-        if self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5):
+        if self.denoiser.self_cond_proj is not None and self_condition:
             with torch.no_grad():
-                self_cond = self.denoise(x_t, t, image, text, keep).detach()  # (B, L, E)
-        x0_hat = self.denoise(x_t, t, image, text, keep, self_cond)  # (B, L, E)
+                self_cond = self.denoise(x_t, t, image_n, text_n, keep_n,
+                                         caption_mask=mask_n).detach()  # (N B, L, E)
+        x0_hat = self.denoise(x_t, t, image_n, text_n, keep_n, self_cond,
+                              caption_mask=mask_n)  # (N B, L, E)
 
         scale = self.embed_scale
-        restore_t = self.restore_fn(x0_hat / scale, x0 / scale)
-        logits_t = self.lm_logits(x0_hat).float()  # (B, L, V)
-        rounding_t = self._rounding(logits_t, ids)
+        restore_t = self.restore_fn(x0_hat / scale, x0_n / scale)
+        logits_t = self.lm_logits(x0_hat).float()  # (N B, L, V)
+        rounding_t = self._rounding(logits_t, ids_n)
         with torch.no_grad():
-            accuracy = (logits_t.argmax(-1) == ids).float().mean()
-        del logits_t  # (B, L, V) not kept alive through the x_1 forward
+            accuracy = (logits_t.argmax(-1) == ids_n).float().mean()
+        del logits_t  # (N B, L, V) not kept alive through the x_1 forward
         parts: dict[str, torch.Tensor] = {"restore_xt": restore_t, "rounding_xt": rounding_t}
         l_simple, l_rounding = restore_t, rounding_t
-        if self._config["x1_loss"]:
-            ones = torch.ones(batch_size, dtype=torch.long, device=self.device)  # (B,)
-            x_1 = self.schedule.q_sample(x0, ones, gaussian(x0))  # (B, L, E)
-            x0_hat_1 = self.denoise(x_1, ones, image, text, keep)  # (B, L, E)
+        if noise_1 is not None:
+            ones = torch.ones(batch, dtype=torch.long, device=self.device)  # (B,)
+            x_1 = self.schedule.q_sample(x0, ones, noise_1)  # (B, L, E)
+            x0_hat_1 = self.denoise(x_1, ones, image, text, keep,
+                                    caption_mask=caption_mask)  # (B, L, E)
             restore_1 = self.restore_fn(x0_hat_1 / scale, x0 / scale)
             rounding_1 = self._rounding(self.lm_logits(x0_hat_1).float(), ids)
             parts.update(restore_x1=restore_1, rounding_x1=rounding_1)
@@ -417,23 +602,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                 weight = self.rounding_lambda.clone()  # the next fill_ must not touch this graph
             else:  # validation: the fixed weight, so losses of different steps compare
                 weight = torch.tensor(self._config["rounding_weight"], device=self.device)
-        total = l_simple + weight * l_rounding
-        parts.update(l_simple=l_simple, l_rounding=l_rounding, rounding_lambda=weight.detach())
-
-        if length_loss is not None:
-            parts["length"] = length_loss
-            total = total + length_loss
-        if self.text_prior is not None:
-            raw_text = batch.get("text_features")
-            if raw_text is not None:
-                target = self._features(raw_text)  # (B, D)
-                prior = F.mse_loss(self._prior(image.detach()), target)
-            else:
-                prior = image.new_zeros(())
-            parts["prior"] = prior
-            total = total + prior
-        parts["token_accuracy"] = accuracy
-        return {"loss": total, **parts}
+        parts.update(l_simple=l_simple, l_rounding=l_rounding, rounding_lambda=weight.detach(),
+                     token_accuracy=accuracy, loss=l_simple + weight * l_rounding)
+        return parts
 
     def _mix_timesteps(self, t: torch.Tensor, length: int, uniform) -> torch.Tensor:
         """(B,) caption timesteps -> (B, L): in a ``mixed_noise`` fraction of the captions each
@@ -459,7 +630,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         """The text prior's guess of the caption's (normalised) CLIP text feature, (B, D)."""
         z = self.text_prior(image)  # (B, D)
         if self._config["normalize_features"]:
-            z = F.normalize(z, dim=-1) * z.shape[-1] ** 0.5  # (B, D)
+            z = F.normalize(z, dim=-1) * self._feature_norm(z.shape[-1])  # (B, D)
         return z
 
     # ---------------------------------------------------------------- generation
@@ -505,7 +676,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             sampler: ``"feed"``, ``"ddim"``, ``"renoise"`` or ``"refine"`` (default: the
                 config's); see :mod:`diffusion_captioner.diffusion.samplers`.
             clamp: snap x0_hat to the nearest word embeddings between steps.
-            temperature: scale of the starting (and re-noising) Gaussian noise.
+            temperature: scale of the starting (and re-noising) Gaussian noise; another
+                value than the trained one (the T state) warns.
             seed: seeds the noise (a private generator: deterministic, global RNG untouched);
                 None draws from the global RNG.
 
@@ -522,7 +694,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         mode = cfg["sampler"] if sampler is None else sampler
         snap = bool(cfg["clamp"] if clamp is None else clamp)
         tau = float(cfg["temperature"] if temperature is None else temperature)
+        self._check_sampler(mode)
         stepper = sampler_for(mode)
+        if tau != cfg["temperature"]:
+            logger.warning("diffusion: temperature %.2f differs from the %.2f this denoiser was "
+                           "trained with at t = T: its start (and refine's restarts) carry inputs "
+                           "training never showed", tau, cfg["temperature"])
         if k < 1:
             raise ValueError(f"diffusion: steps must be >= 1, got {k}")
         if k > self.schedule.steps:
@@ -542,12 +719,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             shape = (batch, self.max_length, self.word_embeddings.shape[1])
 
-            def gaussian() -> torch.Tensor:
-                return torch.randn(shape, generator=generator).to(self.device, image.dtype) * tau
+            def gaussian() -> torch.Tensor:  # unit N(0, I); the T state is tau times it
+                return torch.randn(shape, generator=generator).to(self.device, image.dtype)
 
             table = self.diffusion_table() if snap else None
             timesteps = self.schedule.inference_timesteps(k)
-            x_t = gaussian()  # (B, L, E)
+            x_t = tau * gaussian()  # (B, L, E), the T state
             t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
             lengths, suffix, suffix_ids = None, None, None
             if self.length_head is not None:  # commit the end token and padding up front
@@ -557,7 +734,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                 suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
                                          self.pad_token_id)  # (B, L)
                 clean_suffix = self.embed(suffix_ids)  # (B, L, E)
-            run = SamplingRun(self, timesteps, table, lengths, gaussian)
+            run = SamplingRun(self, timesteps, table, lengths, gaussian, tau)
             x0_hat, previous = x_t, None
             trajectory: list[list[str]] = []
             for i in range(len(timesteps)):

@@ -33,6 +33,7 @@ from diffusion_captioner.language_models import build_language_model
 logger = logging.getLogger(__name__)
 
 FusionName = Literal["add", "concat"]
+ProjectionName = Literal["mlp", "linear"]
 
 #: LM names whose architecture is known without a download (for ``lm_pretrained=False``):
 #: ``DistilBertConfig()``'s defaults are the distilbert-base-uncased architecture.
@@ -110,14 +111,22 @@ class TimestepEmbedding(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    """The MLP from a CLIP feature (B, D_clip) to k tokens of the word-embedding width (B, k, D)
-    (ClipCap's prefix idea: k > 1 gives the image several slots, e.g. one per object)."""
+    """A CLIP feature (B, D_clip) -> k tokens of the word-embedding width (B, k, D): an MLP
+    ``W_2 GELU(W_1 z)`` (ClipCap's prefix idea: k > 1 gives the image several slots, e.g. one per
+    object) or, ``kind="linear"``, a single ``W z + b`` (the original code's
+    ``nn.Linear(512, 768)``)."""
 
-    def __init__(self, feature_dim: int, dim: int, tokens: int = 1) -> None:
+    def __init__(self, feature_dim: int, dim: int, tokens: int = 1,
+                 kind: ProjectionName = "mlp") -> None:
         super().__init__()
         self.tokens, self.dim = tokens, dim
-        self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim), nn.GELU(),
-                                 nn.Linear(tokens * dim, tokens * dim))
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim))
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim), nn.GELU(),
+                                     nn.Linear(tokens * dim, tokens * dim))
+        else:
+            raise ValueError(f"unknown projection {kind!r}; choose one of: mlp, linear")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(z.shape[0], self.tokens, self.dim)  # (B, k, D)
@@ -189,6 +198,7 @@ class Denoiser(nn.Module):
         text_condition: have a text-feature slot (classifier-free guidance).
         zero_init: start the timestep MLP's last layer at zero (for a pretrained body).
         image_tokens: k, CLIP image tokens in ``concat`` fusion (a k-token prefix, as ClipCap).
+        projection: ``"mlp"`` or ``"linear"``, how CLIP features become tokens.
     """
 
     def __init__(
@@ -202,13 +212,15 @@ class Denoiser(nn.Module):
         text_condition: bool = True,
         zero_init: bool = False,
         image_tokens: int = 1,
+        projection: ProjectionName = "mlp",
     ) -> None:
         super().__init__()
         self.mlm = mlm
         dim = mlm.config.dim
         self.dim = dim
-        self.image_proj = FeatureProjection(feature_dim, dim, image_tokens)
-        self.text_proj = FeatureProjection(feature_dim, dim) if text_condition else None
+        self.image_proj = FeatureProjection(feature_dim, dim, image_tokens, projection)
+        self.text_proj = (FeatureProjection(feature_dim, dim, 1, projection)
+                          if text_condition else None)
         self.time_embed = TimestepEmbedding(dim, steps, zero_init) if time_embedding else None
         if self_conditioning:
             self.self_cond_proj = nn.Linear(dim, dim)
@@ -241,12 +253,15 @@ class Denoiser(nn.Module):
         text_keep: torch.Tensor | None = None,
         self_cond: torch.Tensor | None = None,
         projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        caption_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t (B, L, D), t (B,) or (B, L), image (B, D_clip), text (B, D_clip) or None, text_keep (B,)
         bool (which rows see their text feature; None: all), self_cond (B, L, D) or None -> x0_hat (B, L, D).
 
         ``projected``: :meth:`project`'s output for these image and text features, reused across
-        sampling steps instead of projecting them again.
+        sampling steps instead of projecting them again. ``caption_mask`` (B, L) bool: the caption
+        positions other positions may attend to (None: all; the original code hides padding this
+        way in training only). The CLIP tokens are always attended (the text token unless dropped).
         """
         batch, length, _ = x_t.shape
         h = x_t  # (B, L, D)
@@ -261,6 +276,11 @@ class Denoiser(nn.Module):
                 h = h + self.time_embed(t.flatten()).view(batch, length, -1)  # (B, L, D)
         image_h, text_h = projected if projected is not None else self.project(image, text)
         h, mask = self.fusion(h, image_h, text_h, text_keep)  # (B, L', D), (B, L') or None
+        if caption_mask is not None:
+            if mask is None:
+                mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L')
+            mask = mask.clone()
+            mask[:, :length] = caption_mask.long()  # (B, L')
         hidden = self.mlm.distilbert(inputs_embeds=h, attention_mask=mask).last_hidden_state
         hidden = hidden[:, :length]  # (B, L, D)
         out = self.mlm.activation(self.mlm.vocab_transform(hidden))  # (B, L, D)

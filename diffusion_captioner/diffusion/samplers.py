@@ -6,11 +6,16 @@ a sampler turns the prediction x0_hat (B, L, E) into the next input (x_t, t):
 
 * ``feed``    -- x_next = x0_hat at t_{k+1} (the original CLIP-DiffusionLM code);
 * ``ddim``    -- deterministic DDIM: x_next = sqrt(abar') x0_hat + sqrt(1 - abar') eps_hat;
-* ``renoise`` -- x_next ~ q(x_{t_{k+1}} | x0_hat), fresh noise (LaDiC);
+* ``renoise`` -- x_next ~ q(x_{t_{k+1}} | x0_hat), fresh unit-variance noise (LaDiC);
 * ``refine``  -- mask-predict in continuous form: with n the predicted span (words + end token),
-  the floor(n (K - k) / K) least confident positions (max LM-head probability) restart from
-  pure noise at t = T, every other position is committed to its most probable word's clean
-  embedding at t = 0 (needs a denoiser trained with ``mixed_noise`` > 0).
+  the floor(n (K - k) / K) least confident positions (max LM-head probability) restart at
+  t = T from the T state (tau * eps, what training shows there), every other position is
+  committed to its most probable word's clean embedding at t = 0 (needs a denoiser trained
+  with ``mixed_noise`` or ``refine_noise`` > 0).
+
+Each sampler hands the denoiser only inputs of a kind training produced at that timestep label;
+the decoder refuses the combinations that cannot (``feed`` with a timestep input, DDIM away from
+temperature 1, refine without per-position noise).
 
 The first three optionally snap x0_hat to the nearest word embedding first (``clamp``,
 Diffusion-LM). A sampler is a class registered in :data:`SAMPLERS` under its name.
@@ -41,7 +46,8 @@ class SamplingRun:
         timesteps: the K timesteps, T first.
         table: (V, E) word vectors in diffusion space when clamping, else None.
         lengths: (B,) predicted caption lengths (length head), or None.
-        noise: draws a fresh seeded N(0, tau^2 I) tensor shaped like x_t (B, L, E).
+        noise: draws a fresh seeded N(0, I) tensor shaped like x_t (B, L, E).
+        temperature: tau; a position at t = T carries tau * eps (the decoder's T state).
     """
 
     decoder: DiffusionDecoder
@@ -49,6 +55,7 @@ class SamplingRun:
     table: torch.Tensor | None
     lengths: torch.Tensor | None
     noise: Callable[[], torch.Tensor]
+    temperature: float = 1.0
 
 
 class Sampler:
@@ -91,7 +98,7 @@ class RenoiseSampler(ScheduleStepSampler):
     name, mode = "renoise", "renoise"
 
     def fresh_noise(self, run: SamplingRun) -> torch.Tensor:
-        return run.noise()  # (B, L, E)
+        return run.noise()  # (B, L, E), unit variance: what training shows at every t < T
 
 
 class RefineSampler(Sampler):
@@ -105,7 +112,7 @@ class RefineSampler(Sampler):
         end/pad word (plus that word); positions after it keep their words. Returns x_t
         (B, L, E) and per-position timesteps (B, L)."""
         decoder, total = run.decoder, len(run.timesteps)
-        noise = run.noise()  # (B, L, E)
+        restart = run.temperature * run.noise()  # (B, L, E), the T state
         batch, length, _ = x0_hat.shape
         probabilities = decoder.lm_logits(x0_hat).float().softmax(-1)  # (B, L, V)
         confidence, words = probabilities.max(-1)  # (B, L), (B, L)
@@ -122,7 +129,7 @@ class RefineSampler(Sampler):
         noisy = rank < redo[:, None]  # (B, L)
         t_next = torch.where(noisy, decoder.schedule.steps, 0).long()  # (B, L)
         committed = decoder.embed(words)  # (B, L, E)
-        return torch.where(noisy[..., None], noise, committed), t_next
+        return torch.where(noisy[..., None], restart, committed), t_next
 
 
 #: Every sampler by name.
