@@ -80,6 +80,22 @@ def clipscore_prompt(encoder_cfg: dict[str, Any]) -> str:
     return "" if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX) else "A photo depicts "
 
 
+def speed_options(block: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """A preset's ``speed`` block (``repeats``, ``batch_sizes``, ``images``) as keyword
+    arguments of :func:`analysis.bench_decoders`; an unknown key fails naming the known ones."""
+    known = {"repeats", "batch_sizes", "images"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ValueError(f"preset speed block: unknown key(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(known))}")
+    options = {"repeats": int(block.get("repeats", repeats))}
+    if "batch_sizes" in block:
+        options["batch_sizes"] = tuple(int(b) for b in block["batch_sizes"])
+    if "images" in block:
+        options["images"] = int(block["images"])
+    return options
+
+
 def check_same_plan(folder: Path, plan: dict[str, Any]) -> None:
     """Resuming must not mix settings: ``folder/plan.json`` records the decoder, train and
     generate settings of the first run into ``folder``; a rerun with different ones fails in one
@@ -198,6 +214,7 @@ def compare(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
+    speed = speed_options(plan.get("speed") or {}, bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer")) if protocol else None
 
@@ -226,7 +243,7 @@ def compare(
         "decoders": summaries,
         "significance": analysis.significance(out, names),
         "speed": analysis.bench_decoders(loaded.decoders, loaded.generate_options, test.features,
-                                         device, repeats=bench_repeats),
+                                         device, **speed),
         "examples": analysis.examples(out, work.dataset, test, names, loaded.decoders,
                                       loaded.generate_options),
     }
