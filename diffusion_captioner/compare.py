@@ -216,7 +216,13 @@ def compare(
     # its tokenizer is loaded now, so an offline machine fails before any training
     speed = speed_options(plan.get("speed") or {}, bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
-    bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer")) if protocol else None
+    bleu_tokenizer = None
+    if protocol:
+        unknown = sorted(set(protocol) - {"tokenizer", "max_length", "batch_size"})
+        if unknown or "tokenizer" not in protocol:
+            raise ValueError(f"preset paper_bleu block: needs tokenizer, takes max_length and "
+                             f"batch_size; got {', '.join(sorted(protocol))}")
+        bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer"))
 
     needs_text = any(resolve("decoder", p["decoder"]["type"]).needs_text_features
                      for p in plans.values())

@@ -376,10 +376,11 @@ class Trainer:
         if self.config.checkpoint_rule == "first_overfit":
             # the original's rule: keep the first weights whose validation loss exceeds
             # overfit_ratio x the training loss since the last validation (else the last ones)
-            if (val_loss is not None and not state.overfit_kept
-                    and val_loss > self.config.overfit_ratio * train_loss):
-                state.overfit_kept, state.best_val_loss = True, val_loss
-                self._save_best()
+            if val_loss is not None and not state.overfit_kept:
+                state.best_val_loss = val_loss  # the kept weights' loss: these, or the last
+                if val_loss > self.config.overfit_ratio * train_loss:
+                    state.overfit_kept = True
+                    self._save_best()
         elif val_loss is None or val_loss < state.best_val_loss:
             if val_loss is not None:
                 state.best_val_loss = val_loss

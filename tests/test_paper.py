@@ -347,3 +347,13 @@ def test_paper_embedded_preset_builds_and_trains(tmp_path):
     assert torch.isfinite(parts["loss"])
     assert len(decoder.generate(torch.randn(2, FEATURE_DIM), **plan["generate"])) == 2
     assert WORDS  # the tiny vocabulary the other tests share
+
+
+def test_preset_speed_block_is_checked():
+    from diffusion_captioner.compare import speed_options
+
+    assert speed_options({"batch_sizes": [1], "repeats": 1, "images": 2}, 5) == {
+        "repeats": 1, "batch_sizes": (1,), "images": 2}
+    assert speed_options({}, 5) == {"repeats": 5}
+    with pytest.raises(ValueError, match="unknown key.*batches.*known: batch_sizes"):
+        speed_options({"batches": [1]}, 5)

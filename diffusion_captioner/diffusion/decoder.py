@@ -558,14 +558,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             caption_mask = torch.arange(ids.shape[1], device=ids.device)[None] <= words[:, None]
 
         def rows(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, ...) -> (N B, ...)
-            return None if x is None or levels == 1 else x.repeat(levels, *([1] * (x.dim() - 1)))
+            if x is None or levels == 1:
+                return x
+            return x.repeat(levels, *([1] * (x.dim() - 1)))
 
-        ids_n = rows(ids) if levels > 1 else ids  # (N B, L)
-        x0_n = rows(x0) if levels > 1 else x0  # (N B, L, E)
-        image_n = rows(image) if levels > 1 else image  # (N B, D)
-        text_n = rows(text) if levels > 1 else text  # (N B, D) or None
-        keep_n = rows(keep) if levels > 1 else keep  # (N B,)
-        mask_n = rows(caption_mask) if levels > 1 else caption_mask  # (N B, L) or None
+        ids_n, x0_n, image_n = rows(ids), rows(x0), rows(image)  # (N B, L), (N B, L, E), (N B, D)
+        text_n, keep_n, mask_n = rows(text), rows(keep), rows(caption_mask)  # (N B, D), (N B,), (N B, L)
 
         x_t = self.t_state(self.schedule.q_sample(x0_n, t, noise), t, noise)  # (N B, L, E)
         self_cond = None  # absent: the denoiser feeds zeros (Chen et al. 2022)
