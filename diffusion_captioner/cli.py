@@ -132,7 +132,11 @@ class Commands:
             decoders: comma-separated names (default: every registered decoder), or dotted
                 paths ``pkg.module.Class``.
             out: run folder (default ``runs/<preset>-<decoders>``); rerun to resume.
-            preset: preset name (packaged JSON stem) or a path to a preset JSON.
+            preset: preset name (packaged JSON stem, ``dcap list`` lists them: ``embedded``;
+                ``paper``, the original CLIP-DiffusionLM code; ``paper-text``, the paper's
+                text where it differs; ``paper-embedded``, the original at the embedded size)
+                or a path to a preset JSON; its ``speed`` block sets the timing phase and its
+                ``paper_bleu`` block adds the original code's BLEU-4 to the report.
             dataset: dataset name (``shapes``) or a JSON config ``{"type": ..., ...}``.
             encoder: ``embedded`` (default), ``ViT-B-32:openai``, ``local-dir:PATH``...
             cache_dir: feature cache folder (default ``$DCAP_CACHE`` or ``~/.cache/diffusion_captioner``).
