@@ -97,8 +97,21 @@ class CaptionDecoder(nn.Module, Registrable):
 
     #: Step counts the compare report sweeps (iterative decoders); empty for one-shot decoders.
     step_sweep: ClassVar[tuple[int, ...]] = ()
-    #: True when ``loss`` wants ``batch["text_features"]`` (CLIP text features of each caption).
+    #: True when ``loss`` wants ``batch["text_features"]`` (CLIP text features of each caption);
+    #: :meth:`uses_text_features` may say so per configuration.
     needs_text_features: ClassVar[bool] = False
+
+    @classmethod
+    def uses_text_features(cls, config: dict[str, Any]) -> bool:
+        """Whether a decoder built from ``config`` wants ``batch["text_features"]``, so that
+        compare extracts them only then (default: the class's ``needs_text_features``)."""
+        return cls.needs_text_features
+
+    @classmethod
+    def hub_models(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """(name, what) of every hub model or tokenizer building from ``config`` would load,
+        checked together before a run starts (default: none)."""
+        return []
 
     def __init__(self) -> None:
         nn.Module.__init__(self)

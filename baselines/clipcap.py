@@ -16,6 +16,8 @@ should work the same way.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any, Literal
 
@@ -167,6 +169,17 @@ def _cache_length(past: Any) -> int:
     return int(past[0][0].shape[-2])
 
 
+@functools.cache
+def _cache_keyword_of(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The key/value cache argument of ``model.forward``: ``cache`` (transformers 5, where
+    ``past_key_values`` is deprecated for removal in 5.40) or ``past_key_values`` (4.x)."""
+    return _cache_keyword_of(type(model).forward)
+
+
 def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
     """Select batch rows ``index`` of a key/value cache (a ``Cache`` object or legacy tuples)."""
     if hasattr(past, "reorder_cache"):
@@ -203,6 +216,7 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
     """
 
     step_sweep = ()
+    default_lm, offline_configs = "gpt2", OFFLINE_LM_CONFIGS
 
     def __init__(
         self,
@@ -375,10 +389,11 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         seen = _cache_length(past)
         mask = torch.ones(inputs.shape[0], seen + inputs.shape[1], dtype=torch.long,
                           device=inputs.device)  # (N, past + new)
-        out = self.lm.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                 attention_mask=mask, past_key_values=past, use_cache=True)
+        body = self.lm.base_model
+        out = body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                   use_cache=True, **{_cache_keyword(body): past})
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1])  # (N, V)
-        return logits.float(), out.past_key_values
+        return logits.float(), out["cache"] if "cache" in out else out["past_key_values"]
 
     def _greedy(self, prefix: torch.Tensor, max_new: int) -> torch.Tensor:
         """``w_t = argmax p_LM(w | p, w_<t)`` for all B rows at once; rows past eos get pad.

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModelForMaskedLM,
-    AutoTokenizer,
     BertConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -52,7 +51,11 @@ from baselines.mnic_modes import (
 )
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
-from diffusion_captioner.tokenization import EMBEDDED_PREFIX, decode_until_stop, load_tokenizer
+from diffusion_captioner.tokenization import (
+    decode_until_stop,
+    read_tokenizer,
+    with_special_tokens,
+)
 from registry import CaptionDecoder, ComponentError
 
 logger = logging.getLogger(__name__)
@@ -126,17 +129,14 @@ def least_confident(
 # Tokenizer and language model
 # --------------------------------------------------------------------------------------------
 def load_mlm_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """A masked-LM tokenizer: ``embedded:NAME``, a hub name or a saved directory.
+    """A masked-LM tokenizer in any form :func:`read_tokenizer` reads (``embedded:NAME``, a hub
+    name, a saved directory, a bare ``vocab.txt`` folder).
 
-    It needs ``[MASK]`` and a pad token, and an end token (``sep``, else ``eos``) for the fixed
-    length mode. BERT tokenizers have no eos token, so hub names and directories go straight
-    to ``AutoTokenizer`` rather than through :func:`load_tokenizer`, which insists on one.
+    It needs ``[MASK]`` and a pad token (added when missing, as in a GPT-2 BPE folder), and an
+    end token (``sep``, else ``eos``) for the fixed length mode (BERT tokenizers have no eos).
     """
     name = str(name_or_path)
-    if name.startswith(EMBEDDED_PREFIX):
-        tokenizer = load_tokenizer(name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = with_special_tokens(read_tokenizer(name), pad=True, mask=True)
     missing = [
         what
         for what, token in (
@@ -215,6 +215,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
     """
 
     step_sweep = (1, 2, 4, 8)
+    default_lm, offline_configs = "bert-base-uncased", OFFLINE_LM_CONFIGS
 
     def __init__(
         self,

@@ -397,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:  # open_clip logs INFO chatter on the root logger
         handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    helps = {"-h", "--help"}
+    if "--" not in argv and helps & set(argv):  # fire's own form: no "INFO: Showing help" line
+        argv = [a for a in argv if a not in helps] + ["--", "--help"]
     try:
         fire.Fire(Commands, command=argv, name="dcap")
     except (registry.ComponentError, EvaluationInputError, BadImageError, FileNotFoundError,
             ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, never cut
         print(f"dcap: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import torch
 from diffusion_captioner import analysis
 from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
+from diffusion_captioner.hub import check_available
 from diffusion_captioner.inference import generate_captions, load_run
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.report import render_html, render_markdown
@@ -53,13 +54,10 @@ class Workspace:
     splits: dict[str, SplitFeatures]
 
 
-def prepare_features(dataset_cfg: dict, encoder_cfg: dict, cache_dir: str | Path | None,
-                     device: str = "cpu", progress: bool = True,
-                     text_features: bool = False) -> Workspace:
-    """Build dataset and encoder and load (or extract once) train/val/test features; with
+def prepare_features(dataset: Any, encoder: Any, cache_dir: str | Path | None,
+                     progress: bool = True, text_features: bool = False) -> Workspace:
+    """Load (or extract once) the train/val/test features of a built dataset and encoder; with
     ``text_features`` also the CLIP text features of the train and val captions."""
-    dataset = build("dataset", dataset_cfg)
-    encoder = build("encoder", {**encoder_cfg, "device": device})
     cache = FeatureCache(cache_dir)
     splits = {split: cache.get(dataset, split, encoder, progress=progress)
               for split in ("train", "val", "test")}
@@ -96,11 +94,12 @@ def speed_options(block: dict[str, Any], repeats: int) -> dict[str, Any]:
     return options
 
 
-def check_same_plan(folder: Path, plan: dict[str, Any]) -> None:
+def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json") -> None:
     """Resuming must not mix settings: ``folder/plan.json`` records the decoder, train and
-    generate settings of the first run into ``folder``; a rerun with different ones fails in one
+    generate settings of the first run into ``folder`` (``inputs.json`` in the run folder: its
+    dataset and encoder, configs and fingerprints); a rerun with different ones fails in one
     line naming the changed keys (a new ``--out`` starts afresh)."""
-    path = folder / "plan.json"
+    path = folder / record
     current = json.loads(json.dumps(plan, default=str))
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,6 +215,13 @@ def compare(
     # its tokenizer is loaded now, so an offline machine fails before any training
     speed = speed_options(plan.get("speed") or {}, bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
+    # every model the run will load, checked together: offline, all the missing ones named
+    check_available(
+        [req for p in plans.values()
+         for req in resolve("decoder", p["decoder"]["type"]).hub_models(p["decoder"])]
+        + ([(str(protocol["tokenizer"]), "tokenizer")] if protocol.get("tokenizer") else []),
+        [] if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX)
+        else [(str(encoder_cfg.get("model")), encoder_cfg.get("pretrained"))])
     bleu_tokenizer = None
     if protocol:
         unknown = sorted(set(protocol) - {"tokenizer", "max_length", "batch_size"})
@@ -224,9 +230,15 @@ def compare(
                              f"batch_size; got {', '.join(sorted(protocol))}")
         bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer"))
 
-    needs_text = any(resolve("decoder", p["decoder"]["type"]).needs_text_features
-                     for p in plans.values())
-    work = prepare_features(dataset_cfg, encoder_cfg, cache_dir, device, progress, needs_text)
+    classes = {name: resolve("decoder", p["decoder"]["type"]) for name, p in plans.items()}
+    needs_text = any(classes[name].uses_text_features(p["decoder"]) for name, p in plans.items())
+    dataset_obj = build("dataset", dataset_cfg)
+    encoder_obj = build("encoder", {**encoder_cfg, "device": device})
+    check_same_plan(out, {
+        "dataset": {"config": dataset_cfg, "fingerprint": dataset_obj.fingerprint},
+        "encoder": {"config": encoder_cfg, "fingerprint": encoder_obj.fingerprint},
+    }, record="inputs.json")
+    work = prepare_features(dataset_obj, encoder_obj, cache_dir, progress, needs_text)
     test = work.splits["test"]
     write_annotations(out / "annotations_test.json",
                       {r.image_id: list(r.captions) for r in test.records})

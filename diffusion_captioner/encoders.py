@@ -67,6 +67,9 @@ class OpenClipEncoder(ImageEncoder):
 
     ``model`` is an open_clip architecture (``ViT-B-32``), ``local-dir:PATH``, ``hf-hub:REPO`` or
     ``embedded:NAME``; ``pretrained`` is an open_clip tag (``openai``) or a checkpoint file.
+    An architecture without ``pretrained`` gets random weights drawn from ``seed`` (the global
+    RNG is left as it was), and the seed is part of the fingerprint: the same seed gives the same
+    network in every process, another seed another cache entry.
     """
 
     def __init__(
@@ -75,18 +78,23 @@ class OpenClipEncoder(ImageEncoder):
         pretrained: str | None = None,
         device: str = "cpu",
         precision: Precision = "fp32",
+        seed: int = 0,
     ) -> None:
         import open_clip
 
         self.model_name = model
         self.pretrained = pretrained
+        self.seed = int(seed)
         self.device = torch.device(device)
         self.precision: Precision = precision
         source = model
         if model.startswith(EMBEDDED_PREFIX):
             source = f"local-dir:{embedded_asset(model[len(EMBEDDED_PREFIX):])}"
+        self.random_init = pretrained is None and not source.startswith(("local-dir:", "hf-hub:"))
         try:
-            with open_clip_access(source, pretrained):  # fails fast when offline and not cached
+            with open_clip_access(source, pretrained), torch.random.fork_rng(devices=[]):
+                if self.random_init:  # seeded: the same random network in every process
+                    torch.manual_seed(self.seed)
                 clip, _, preprocess = open_clip.create_model_and_transforms(
                     source, pretrained=pretrained, device=self.device
                 )
@@ -94,7 +102,7 @@ class OpenClipEncoder(ImageEncoder):
         except ComponentError:
             raise
         except Exception as error:  # noqa: BLE001 - open_clip raises many kinds; one line out
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first_line = " ".join(str(error).split())  # one line, never cut
             raise ComponentError(
                 f"open_clip model {model!r} (pretrained={pretrained!r}) could not be loaded: "
                 f"{type(error).__name__}: {first_line}. Check the name with "
@@ -116,7 +124,9 @@ class OpenClipEncoder(ImageEncoder):
     def _fingerprint(self, source: str) -> str:
         """Hash of architecture, weights identity and preprocessing (keys the feature cache)."""
         weights = self.pretrained or ""
-        if source.startswith("local-dir:"):
+        if self.random_init:
+            weights = f"random-init:seed={self.seed}"
+        elif source.startswith("local-dir:"):
             folder = Path(source[len("local-dir:"):])
             weights = ",".join(file_digest(p) for p in sorted(folder.glob("*.safetensors")))
         elif self.pretrained and Path(self.pretrained).is_file():

@@ -168,8 +168,9 @@ def _why_unreachable(url: str | None = None) -> str:
 
 
 def _first_line(error: BaseException) -> str:
+    """The whole message on one line (a multi-line message is joined, never cut)."""
     text = str(error).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
+    return " ".join(text.split()) if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,3 +285,39 @@ def open_clip_access(model: str, pretrained: str | None) -> Iterator[None]:
     else:
         with _offline_mode():
             yield
+
+
+# --------------------------------------------------------------------------------------------
+# Everything a run needs, checked at once
+# --------------------------------------------------------------------------------------------
+def check_available(models: list[tuple[str, str]],
+                    open_clip_models: list[tuple[str, str | None]] = ()) -> None:
+    """Fail in one line naming *every* hub model (``(name, what)``) and open_clip weights
+    (``(model, pretrained)``) that is neither local, cached nor reachable, before any work; the
+    guards of :func:`hf_access` and :func:`open_clip_access` decide, nothing is loaded."""
+    missing: list[str] = []
+    first: str | None = None
+    seen: set[tuple[str, str]] = set()
+    for name, what in models:
+        if (name, what) in seen:
+            continue
+        seen.add((name, what))
+        try:
+            with hf_access(name, what):
+                pass
+        except ComponentError as error:
+            missing.append(f"{what} {name!r}")
+            first = first or str(error)
+    for model, pretrained in open_clip_models:
+        try:
+            with open_clip_access(model, pretrained):
+                pass
+        except ComponentError as error:
+            missing.append(f"open_clip weights {model}:{pretrained}")
+            first = first or str(error)
+    if len(missing) == 1:
+        raise ComponentError(first)
+    if missing:
+        raise ComponentError(
+            f"{len(missing)} models are neither cached nor reachable: {', '.join(missing)}; "
+            f"the first: {first}")

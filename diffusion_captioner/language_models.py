@@ -111,6 +111,20 @@ class SavesLanguageModel:
     """
 
     tokenizer: PreTrainedTokenizerBase
+    #: The ``lm`` default and the names whose architecture is known without a download.
+    default_lm: str = ""
+    offline_configs: Mapping[str, type[PretrainedConfig]] = {}
+
+    @classmethod
+    def hub_models(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The tokenizer (``tokenizer``, else ``lm``) and, when pretrained or its architecture
+        is not built in, the LM itself."""
+        lm = str(config.get("lm") or cls.default_lm)
+        pretrained = bool(config.get("lm_pretrained", True))
+        names = [(str(config.get("tokenizer") or lm), "tokenizer")]
+        if pretrained or lm not in cls.offline_configs:
+            names.append((lm, "model"))
+        return names
 
     def wrapped_lm(self) -> PreTrainedModel:
         return self.lm  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoTokenizer,
+    BertTokenizerFast,
     GPT2TokenizerFast,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -82,13 +83,25 @@ def _is_bare_bpe_dir(path: Path) -> bool:
     )
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it has a pad token.
+def _is_bare_wordpiece_dir(path: Path) -> bool:
+    """A directory holding a BERT ``vocab.txt`` but no tokenizer config."""
+    return (
+        path.is_dir()
+        and (path / "vocab.txt").is_file()
+        and not (path / "tokenizer.json").is_file()
+        and not (path / "tokenizer_config.json").is_file()
+    )
+
+
+def read_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer from any of the usual forms, as it is (no special tokens added).
 
     ``"embedded:NAME"`` -> the packaged ``assets/NAME`` directory; a directory with only
-    ``vocab.json`` + ``merges.txt`` -> ``GPT2TokenizerFast``; anything else (hub name or saved
-    directory) -> ``AutoTokenizer.from_pretrained``. A tokenizer without a pad token (GPT-2) gets
-    its eos token as pad; decoders must therefore mask padding by length, never by ``pad_id``.
+    ``vocab.json`` + ``merges.txt`` -> ``GPT2TokenizerFast``; a directory with only a WordPiece
+    ``vocab.txt`` -> ``BertTokenizerFast`` (lower-casing when the vocabulary has no upper-case
+    entry, as bert-base-uncased's); anything else (a hub name, a ``save_pretrained`` directory)
+    -> ``AutoTokenizer.from_pretrained``. A folder that none of them reads fails in one line
+    naming it and the forms that work.
     """
     name = str(name_or_path)
     if name.startswith(EMBEDDED_PREFIX):
@@ -100,11 +113,53 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
                 f"embedded tokenizer {embedded!r} not found at {directory}; available: "
                 f"{', '.join(available)} (write it with `python -m diffusion_captioner.tokenization`)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    elif _is_bare_bpe_dir(Path(name)):
-        tokenizer = GPT2TokenizerFast.from_pretrained(name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(str(directory))
+    path = Path(name).expanduser()
+    if _is_bare_bpe_dir(path):
+        return GPT2TokenizerFast.from_pretrained(str(path))
+    if _is_bare_wordpiece_dir(path):
+        vocab = path / "vocab.txt"
+        cased = any(line.strip() != line.strip().lower()
+                    for line in vocab.read_text(encoding="utf-8").splitlines()
+                    if not line.startswith("["))
+        return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=not cased)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        if not path.is_dir():
+            raise
+        message = " ".join(str(error).split())
+        raise ComponentError(
+            f"tokenizer folder {path} could not be read ({type(error).__name__}: {message}); a "
+            "tokenizer folder holds tokenizer.json (save_pretrained), or GPT-2's vocab.json + "
+            "merges.txt, or a WordPiece vocab.txt") from error
+
+
+def with_special_tokens(tokenizer: PreTrainedTokenizerBase, pad: bool = False,
+                        mask: bool = False) -> PreTrainedTokenizerBase:
+    """Add the special tokens a decoder needs and ``tokenizer`` lacks (``[PAD]``, ``[MASK]``: a
+    GPT-2 BPE tokenizer has neither). They take new ids after the vocabulary, so a language model
+    built over the tokenizer grows its embeddings to fit; saved with the checkpoint's tokenizer."""
+    added = {}
+    if pad and tokenizer.pad_token is None:
+        added["pad_token"] = "[PAD]"
+    if mask and tokenizer.mask_token is None:
+        added["mask_token"] = "[MASK]"
+    if added:
+        tokenizer.add_special_tokens(added)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """:func:`read_tokenizer`, then make sure it has a pad token and an end (eos) token.
+
+    A tokenizer without a pad token (GPT-2) gets its eos token as pad; decoders must therefore
+    mask padding by length, never by ``pad_id``. One without an eos token (BERT) gets its [SEP].
+    """
+    name = str(name_or_path)
+    tokenizer = read_tokenizer(name)
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ComponentError(f"tokenizer {name!r} has neither a pad nor an eos token")

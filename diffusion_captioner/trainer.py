@@ -340,16 +340,16 @@ class Trainer:
                 self.state.step += 1
                 self.state.elapsed_seconds = time.time() - started
                 bar.update(1)
-                if self.state.step % cfg.log_every == 0 or self.state.step == 1:
-                    entry = {k: round(v / running_steps, 6) for k, v in running.items()}
-                    running, running_steps = {}, 0
-                    bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
-                    self._log(log, {"step": self.state.step, "epoch": self.state.epoch, **entry,
-                                    "lr": self.scheduler.get_last_lr()[0],
-                                    "elapsed_s": round(self.state.elapsed_seconds, 2)})
+                bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}", refresh=False)
                 out_of_time = cfg.max_minutes is not None and \
                     self.state.elapsed_seconds >= cfg.max_minutes * 60
                 last_step = self.state.step >= self.total_steps or out_of_time
+                if self.state.step % cfg.log_every == 0 or self.state.step == 1 or last_step:
+                    entry = {k: round(v / running_steps, 6) for k, v in running.items()}
+                    running, running_steps = {}, 0
+                    self._log(log, {"step": self.state.step, "epoch": self.state.epoch, **entry,
+                                    "lr": self.scheduler.get_last_lr()[0],
+                                    "elapsed_s": round(self.state.elapsed_seconds, 2)})
                 if self.state.step % self.eval_interval == 0 or last_step:
                     self._evaluate(log)
                 if last_step:

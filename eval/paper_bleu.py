@@ -81,8 +81,8 @@ def paper_bleu(
 def load_paper_bleu_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The word-piece tokenizer the protocol decodes with (a hub name, a local folder or
     ``embedded:NAME``), loaded under the hub guard: offline it fails in one line naming it."""
-    from diffusion_captioner.diffusion.decoder import load_caption_tokenizer
     from diffusion_captioner.hub import hf_access
+    from diffusion_captioner.tokenization import read_tokenizer
 
     with hf_access(name, "tokenizer"):
-        return load_caption_tokenizer(name)
+        return read_tokenizer(name)

@@ -12,13 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _plain_numbers(axis) -> None:
-    """Log-scaled axes with plain tick labels (2, 5, 10) instead of 2 x 10^0."""
-    from matplotlib.ticker import FuncFormatter
+    """Log-scaled axes with plain tick labels (2, 5, 10) instead of 2 x 10^0. Minor ticks are
+    labelled only on an axis spanning less than a decade (else their labels overlap); call it
+    after plotting, when the limits are known."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")
-    for which in (axis.xaxis, axis.yaxis):
+    for which, limits in ((axis.xaxis, axis.get_xlim()), (axis.yaxis, axis.get_ylim())):
         which.set_major_formatter(plain)
-        which.set_minor_formatter(plain)
+        low, high = sorted(limits)
+        narrow = low > 0 and math.log10(high / low) < 1
+        which.set_minor_formatter(plain if narrow else NullFormatter())
 
 
 def step_curves(decoders: dict[str, Any], metric: str) -> dict[str, list[tuple[int, float]]]:
@@ -96,8 +102,9 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
         color = f"C{index}"
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if train:
-            axis.plot(*zip(*train, strict=True), color=color, label=f"{name} train")
+        if train:  # a marker too, so a run with one logged step still shows
+            axis.plot(*zip(*train, strict=True), color=color, label=f"{name} train",
+                      marker="." if len(train) < 20 else None)
         if val:
             axis.plot(*zip(*val, strict=True), color=color, linestyle="--", marker=".",
                       label=f"{name} val")

@@ -58,9 +58,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from diffusion_captioner.diffusion.denoiser import (
+    OFFLINE_LM_CONFIGS,
     Denoiser,
     FusionName,
     ProjectionName,
@@ -74,7 +75,7 @@ from diffusion_captioner.diffusion.samplers import (
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel
-from diffusion_captioner.tokenization import EMBEDDED_PREFIX, decode_until_stop, load_tokenizer
+from diffusion_captioner.tokenization import decode_until_stop, read_tokenizer, with_special_tokens
 from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,9 @@ RESTORE_LOSSES = {"mse": _mse, "l1": _l1}
 
 
 def load_caption_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """``"embedded:NAME"`` via :func:`load_tokenizer`; anything else via ``AutoTokenizer`` (BERT
-    tokenizers have [SEP]/[PAD] but no eos, which ``load_tokenizer`` insists on)."""
-    if name.startswith(EMBEDDED_PREFIX):
-        tokenizer = load_tokenizer(name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+    """Any form :func:`read_tokenizer` reads, with a pad token (added when missing, as in a GPT-2
+    BPE folder); it needs an end token ([SEP], else eos: BERT tokenizers have no eos)."""
+    tokenizer = with_special_tokens(read_tokenizer(name), pad=True)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"diffusion: tokenizer {name!r} has no pad token")
     if tokenizer.sep_token_id is None and tokenizer.eos_token_id is None:
@@ -180,6 +178,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     step_sweep = (1, 2, 5, 10, 20)
     needs_text_features = True
+    default_lm, offline_configs = "distilbert-base-uncased", OFFLINE_LM_CONFIGS
+
+    @classmethod
+    def uses_text_features(cls, config: dict[str, Any]) -> bool:
+        """Text features feed the text slot: only with ``text_condition`` (default on)."""
+        return bool(config.get("text_condition", True))
 
     def __init__(
         self,

@@ -156,7 +156,7 @@ def decode_image(data: bytes) -> Image.Image:
         raise BadImageError("not a readable image (unknown format; send a PNG, JPEG, GIF, WebP, "
                             "BMP or TIFF file)") from error
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = " ".join(str(error).split()) or type(error).__name__
         raise BadImageError(f"not a readable image ({reason})") from error
 
 
@@ -310,7 +310,7 @@ def create_app(run_dir: str | Path | None = None, *, loaded: LoadedRun | None = 
             answers = service.caption(image, names, steps=steps, trajectory=trajectory)
         except ValueError as error:  # a decoder refusing an option (e.g. too many steps)
             logger.info("caption request refused: %s", error)
-            return _error(400, str(error).splitlines()[0])
+            return _error(400, " ".join(str(error).split()))
         logger.info("captioned a %dx%d image with %s in %.0f ms", image.width, image.height,
                     ", ".join(names), 1000 * (time.perf_counter() - started))
         return jsonify(answers)

@@ -1,0 +1,45 @@
+"""Check that a run folder's checkpoints still caption its test split exactly as recorded.
+
+Regenerates every decoder's test captions with its saved best checkpoint and default generation
+options (from ``<decoder>/summary.json``) on the cached test features, and compares them with
+``<decoder>/results_test.json``. Exit status 1 when any caption differs::
+
+    python benchmarks/same_captions.py runs/embedded-clipcap-diffusion-mnic
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(run: str = "runs/embedded-clipcap-diffusion-mnic") -> int:
+    import torch
+
+    from diffusion_captioner.compare import prepare_features
+    from eval.coco_format import load_results
+    from registry import build, resolve
+
+    folder = Path(run)
+    config = json.loads((folder / "config.json").read_text())
+    torch.set_num_threads(int(config.get("threads") or 1))
+    dataset = build("dataset", config["dataset"])
+    encoder = build("encoder", config["encoder"])
+    test = prepare_features(dataset, encoder, config.get("cache_dir"), progress=False).splits["test"]
+    failed = False
+    for name in config["decoders"]:
+        summary = json.loads((folder / name / "summary.json").read_text())
+        decoder_class = resolve("decoder", summary["decoder"]["type"])
+        decoder = decoder_class.from_pretrained(folder / name / "checkpoint" / "best")
+        recorded = load_results(folder / name / "results_test.json")
+        captions = decoder.generate(test.features, **summary["generate"])
+        now = dict(zip(test.image_ids, captions, strict=True))
+        differ = [i for i in recorded if recorded[i] != now[i]]
+        print(f"{name}: {len(recorded) - len(differ)}/{len(recorded)} captions identical")
+        failed = failed or bool(differ)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
