@@ -100,6 +100,9 @@ class CaptionDecoder(nn.Module, Registrable):
     #: True when ``loss`` wants ``batch["text_features"]`` (CLIP text features of each caption);
     #: :meth:`uses_text_features` may say so per configuration.
     needs_text_features: ClassVar[bool] = False
+    #: True for an autoregressive decoder whose ``generate`` takes ``fixed_tokens=N`` (write N
+    #: tokens, ignoring the end token: how ``dcap bench --tokens`` times untrained models).
+    fixed_tokens_option: ClassVar[bool] = False
 
     @classmethod
     def uses_text_features(cls, config: dict[str, Any]) -> bool:

@@ -216,6 +216,7 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
     """
 
     step_sweep = ()
+    fixed_tokens_option = True
     default_lm, offline_configs = "gpt2", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -395,8 +396,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1])  # (N, V)
         return logits.float(), out["cache"] if "cache" in out else out["past_key_values"]
 
-    def _greedy(self, prefix: torch.Tensor, max_new: int) -> torch.Tensor:
+    def _greedy(self, prefix: torch.Tensor, max_new: int, stop: bool = True) -> torch.Tensor:
         """``w_t = argmax p_LM(w | p, w_<t)`` for all B rows at once; rows past eos get pad.
+        ``stop=False`` ignores the end token and makes exactly ``max_new`` LM calls (timing).
 
         Returns (B, t) token ids, t <= max_new.
         """
@@ -407,7 +409,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         for step in range(max_new):
             token = logits.argmax(dim=-1).masked_fill(finished, self.pad_token_id)  # (B,)
             steps.append(token)
-            finished |= token == self.eos_token_id
+            if stop:
+                finished |= token == self.eos_token_id
             if step == max_new - 1 or bool(finished.all()):
                 break
             logits, past = self._next_logits(past, input_ids=token[:, None])  # (B, V)
@@ -470,14 +473,21 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         num_beams: int = 1,
         max_length: int | None = None,
         length_penalty: float = 1.0,
+        fixed_tokens: int | None = None,
         **_: Any,
     ) -> list[str]:
         """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached.
 
+        ``fixed_tokens=N`` (greedy only) ignores the end token and writes exactly N tokens in N
+        LM calls: what ``dcap bench --tokens N`` times, since a random-weight model never ends.
         Deterministic: runs in eval mode (restored afterwards) without sampling. Options meant for
         other decoders (e.g. ``steps``) are accepted and ignored.
         """
         max_new = self.max_length if max_length is None else int(max_length)
+        if fixed_tokens is not None:
+            if int(num_beams) > 1:
+                raise ValueError("clipcap: fixed_tokens times greedy decoding; use num_beams=1")
+            max_new = int(fixed_tokens)
         positions = getattr(self.lm.config, "max_position_embeddings", None)
         if max_new < 1 or (positions is not None and self.prefix_length + max_new > positions):
             raise ValueError(
@@ -490,7 +500,7 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         with self.evaluating():
             prefix = self.prefix_embeddings(features)  # (B, k, E)
             if int(num_beams) <= 1:
-                ids = self._greedy(prefix, max_new)  # (B, t)
+                ids = self._greedy(prefix, max_new, stop=fixed_tokens is None)  # (B, t)
             else:
                 ids = self._beam_search(prefix, int(num_beams), max_new, float(length_penalty))
         return self.decode(ids)

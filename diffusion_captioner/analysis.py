@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,14 @@ def significance(run: Path, names: list[str], resamples: int = 2000) -> dict[str
     return out
 
 
-def speed_options(decoder: CaptionDecoder, default: dict[str, Any]) -> list[dict[str, Any]]:
-    """The default generate options, then one per step count of an iterative decoder's sweep."""
-    sweep = [{**default, "steps": k} for k in type(decoder).step_sweep if k != default.get("steps")]
-    return [dict(default), *sweep]
+def speed_options(decoder: CaptionDecoder, default: dict[str, Any],
+                  steps: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The default generate options, then one per step count of an iterative decoder's sweep
+    (``steps`` replaces the sweep; a decoder without one is timed at its default only)."""
+    sweep = type(decoder).step_sweep
+    if steps is not None and sweep:
+        sweep = steps
+    return [dict(default), *({**default, "steps": k} for k in sweep if k != default.get("steps"))]
 
 
 def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
@@ -71,8 +76,9 @@ def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
 def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[str, dict],
                    features: torch.Tensor, device: str = "cpu", repeats: int = 5,
                    batch_sizes: tuple[int, ...] = BENCH_BATCHES,
-                   images: int = BENCH_IMAGES, compile_backend: str | None = None
-                   ) -> dict[str, Any]:
+                   images: int = BENCH_IMAGES, compile_backend: str | None = None,
+                   steps: tuple[int, ...] | None = None, warmup: int = 2,
+                   max_seconds: float | None = None) -> dict[str, Any]:
     """Time every decoder side by side in this process on the same ``features`` (N, D); a batch
     size smaller than ``images`` is timed over ``images`` different images
     (:func:`~eval.speed.benchmark_decoder`). ``compile_backend`` (e.g. ``"inductor"``):
@@ -88,12 +94,17 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
     * ``crossover``: the batch size from which the faster of a decoder and the first decoder
       (both at their default options) changes;
     * ``contrast``: adds the latency ratio at batch 1 and the throughput ratio at the largest
-      batch (:func:`~eval.speed.speed_contrast`).
+      batch (:func:`~eval.speed.speed_contrast`);
+    * ``cut_by_budget``: the decoders whose rows stopped early because the whole phase ran past
+      ``max_seconds`` (their default options at the smallest batch are always timed).
+
+    ``steps`` replaces the iterative decoders' step sweeps; ``warmup`` untimed runs per row.
     """
     rows_needed = max(b * -(-images // b) for b in batch_sizes)  # b * ceil(images / b)
     distinct = min(len(features), images)
     features = features[torch.arange(rows_needed) % len(features)]  # (rows_needed, D)
-    rows, compiled = {}, {}
+    rows, compiled, cut = {}, {}, []
+    deadline = None if max_seconds is None else time.perf_counter() + float(max_seconds)
     for name, decoder in decoders.items():
         if compile_backend:
             compiled[name] = compile_step_modules(decoder, compile_backend) > 0
@@ -101,8 +112,13 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
                 logger.warning("%s names no step modules: timed without torch.compile", name)
         logger.info("timing %s", name)
         rows[name] = benchmark_decoder(
-            decoder, features, speed_options(decoder, generate_options.get(name, {})),
-            batch_sizes=batch_sizes, repeats=repeats, images=images)
+            decoder, features, speed_options(decoder, generate_options.get(name, {}), steps),
+            batch_sizes=batch_sizes, repeats=repeats, images=images, warmup=warmup,
+            deadline=deadline)
+        planned = len(speed_options(decoder, generate_options.get(name, {}), steps)) * len(
+            batch_sizes)
+        if len(rows[name]) < planned:
+            cut.append(name)
     names = list(rows)
     default_rows = {n: [r for r in rows[n] if r["options"] == rows[n][0]["options"]] for n in names}
     return {
@@ -114,6 +130,7 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
                       for n in names[1:]},
         "contrast": {n: speed_contrast(default_rows[names[0]], default_rows[n])
                      for n in names[1:]},
+        "cut_by_budget": cut,
     }
 
 

@@ -170,39 +170,82 @@ class Commands:
         print(f"run folder: {out_dir}")
         del metrics
 
-    def bench(self, run: str, device: str = "cpu", repeats: int = 5, threads: int | None = None,
-              images: int = 16,  # analysis.BENCH_IMAGES (not imported: --help stays fast)
+    def bench(self, run: str | None = None, preset: str | None = None,
+              random_init: bool = False, decoders: Any = None, device: str = "cpu",
+              repeats: int | None = None, threads: int | None = None,
+              images: int | None = None, batch_sizes: Any = "1,4,16,64", steps: Any = None,
+              tokens: int | None = 12, out: str | None = None,
               compile: bool | str = False, include_package: Any = None) -> None:
-        """Time every decoder of a `compare` run side by side (batch 1..64, every step count).
+        """Time decoders side by side (batch sizes, every step count): a trained run, or a
+        preset's decoders at their real size with random weights.
 
-        --threads defaults to the run's own (config.json), so the figures match its report;
-        batches smaller than --images are timed over that many different test images.
+        --run R: the decoders of a `compare` run; --threads defaults to the run's own, so the
+        figures match its report; writes R/speed.json (R/speed_compiled.json with --compile).
+        --preset P --random-init: every decoder of preset P (or --decoders) built untrained at
+        the preset's size, on random features of its encoder's width; nothing is downloaded (a
+        tokenizer not at hand is replaced by a stand-in of the same vocabulary size); an
+        autoregressive decoder writes exactly --tokens tokens (its end token ignored; 0: until
+        it stops); writes --out (default runs/bench-P.json).
+        Batches smaller than --images are timed over that many different images (default 16
+        for a run, 4 for a preset); --repeats timed runs per row (default 5 / 3); --steps 1,5
+        replaces an iterative decoder's step sweep (a preset: 1 besides its default, enough for
+        the per-step line, and the whole bench stays within minutes on a CPU); --batch-sizes 1,64.
         --compile: torch.compile each decoder's per-step networks first (inductor, or the backend
-        named); needs a C++ compiler on CPU, adds a minute or more of compiling, and writes
-        speed_compiled.json instead of speed.json."""
+        named); needs a C++ compiler on CPU and adds a minute or more of compiling."""
         from diffusion_captioner.analysis import bench_run, speed_file
-        from eval.speed import describe_contrast, describe_step_costs
+        from eval.speed import check_image_count, describe_contrast, describe_step_costs
 
         _include(include_package)
         # --compile is the flag users type, so the parameter keeps the builtin's name here
         backend = ("inductor" if compile is True else str(compile)) if compile else None
-        speed = bench_run(run, device=device, repeats=repeats, threads=threads, images=images,
-                          compile_backend=backend)
+        if (run is None) == (preset is None):
+            raise ValueError("bench: pass --run RUN_FOLDER or --preset NAME --random-init")
+        if preset is not None and not random_init:
+            raise ValueError("bench: a preset has no trained weights; --preset needs "
+                             "--random-init (or time a trained run with --run)")
+        sizes = tuple(int(b) for b in as_list(batch_sizes))
+        step_counts = tuple(int(k) for k in as_list(steps)) if steps is not None else None
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        if run is not None:
+            images, repeats = images or 16, repeats or 5
+            check_image_count(images)
+            speed = bench_run(run, device=device, repeats=repeats, threads=threads,
+                              images=images, compile_backend=backend)
+            written = Path(run) / speed_file(backend)
+        else:
+            from diffusion_captioner.bench_preset import bench_preset
+
+            images, repeats = images or 4, repeats or 3
+            step_counts = step_counts if step_counts is not None else (1,)
+            check_image_count(images)
+            speed = bench_preset(preset, as_list(decoders) or None, device,
+                                 repeats=repeats, images=images, batch_sizes=sizes,
+                                 steps=step_counts, tokens=int(tokens) if tokens else None,
+                                 compile_backend=backend)
+            written = Path(out) if out else Path("runs") / f"bench-{Path(preset).stem}.json"
+            written.parent.mkdir(parents=True, exist_ok=True)
+            written.write_text(json.dumps(speed, indent=2))
         print(f"device {speed['device']}, {speed['threads']} thread(s), median of {repeats}, "
               f"{images} images at small batches"
-              + (f", torch.compile ({backend})" if backend else ""))
-        print(f"{'decoder':<12} {'options':<16} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
+              + (f", torch.compile ({backend})" if backend else "")
+              + (f"; {preset} at its real size, random weights"
+                 + (f", autoregressive decoders at {tokens} tokens" if tokens else "")
+                 if preset else ""))
+        print(f"{'decoder':<12} {'options':<26} {'batch':>5} {'ms/caption':>11} {'captions/s':>11}")
         for name, rows in speed["decoders"].items():
             for row in rows:
                 options = ",".join(f"{k}={v}" for k, v in row["options"].items()) or "default"
-                print(f"{name:<12} {options:<16} {row['batch']:>5} {row['ms_per_caption']:>11.2f} "
+                print(f"{name:<12} {options:<26} {row['batch']:>5} {row['ms_per_caption']:>11.2f} "
                       f"{row['captions_per_second']:>11.1f}")
         first = next(iter(speed["decoders"]))
         for name, contrast in speed["contrast"].items():
             print(describe_contrast(first, name, contrast))
         for line in describe_step_costs(speed["decoders"]):
             print(line)
-        print(f"written to {Path(run) / speed_file(backend)}")
+        print(f"written to {written}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None,
                  paper_bleu: str | None = None) -> None:

@@ -33,6 +33,12 @@ def _speed_at(metrics: dict[str, Any], name: str, batch: int, options: dict | No
     return None
 
 
+def _all_zero(test: dict[str, Any]) -> bool:
+    """A bootstrap whose difference and interval all round to 0.000 (nothing to compare, not
+    a figure: e.g. two decoders that both score 0 on every image)."""
+    return max(abs(test["difference"]), abs(test["low"]), abs(test["high"])) < 5e-4
+
+
 def _headline(metrics: dict[str, Any]) -> list[str]:
     """One line per decoder vs the first: CIDEr gap with its bootstrap interval, and speed."""
     names = list(metrics["decoders"])
@@ -44,13 +50,17 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
         cider = tests.get("CIDEr")
         if not cider:
             continue
-        verdict = "significant" if cider["significant"] else "not significant"
-        sign = "better" if cider["difference"] > 0 else "worse"
-        text = (f"**{name}** vs **{baseline}**: CIDEr {cider['difference']:+.3f} "
-                f"(95% paired-bootstrap CI [{cider['low']:+.3f}, {cider['high']:+.3f}], "
-                f"{cider['images']} images): {sign}, {verdict}")
+        if _all_zero(cider):
+            text = (f"**{name}** vs **{baseline}**: CIDEr: no difference to test (every "
+                    f"per-image difference is 0 over {cider['images']} images)")
+        else:
+            verdict = "significant" if cider["significant"] else "not significant"
+            sign = "better" if cider["difference"] > 0 else "worse"
+            text = (f"**{name}** vs **{baseline}**: CIDEr {cider['difference']:+.3f} "
+                    f"(95% paired-bootstrap CI [{cider['low']:+.3f}, {cider['high']:+.3f}], "
+                    f"{cider['images']} images): {sign}, {verdict}")
         bleu = tests.get("Bleu_4")
-        if bleu:
+        if bleu and not _all_zero(bleu):
             text += (f"; per-image BLEU-4 {bleu['difference']:+.3f} "
                      f"[{bleu['low']:+.3f}, {bleu['high']:+.3f}]")
         mine, theirs = _speed_at(metrics, name, 1), _speed_at(metrics, baseline, 1)

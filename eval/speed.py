@@ -59,6 +59,7 @@ def benchmark_decoder(
     repeats: int = 5,
     warmup: int = 2,
     images: int = 16,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """For each generate-options dict and batch size b: caption the first n = b * ceil(images / b)
     rows of ``features`` (N, D) in n / b calls of b, and report the median over ``repeats`` of
@@ -66,12 +67,15 @@ def benchmark_decoder(
 
     Several images even at batch 1, because an autoregressive decoder's latency grows with the
     caption it writes: one image's caption length would decide the latency ratio. ``features``
-    must hold at least max over b of b * ceil(images / b) rows."""
+    must hold at least max over b of b * ceil(images / b) rows. ``deadline`` (a
+    ``time.perf_counter()`` value): once passed, no further row is timed (the first always is)."""
     check_image_count(images)
     decoder.eval()
     rows = []
     for opts in options:
         for batch in batch_sizes:
+            if rows and deadline is not None and time.perf_counter() > deadline:
+                return rows
             calls = -(-images // batch)
             chunks = [features[i * batch:(i + 1) * batch].to(decoder.device)  # (b, D)
                       for i in range(calls)]
@@ -116,11 +120,21 @@ def describe_step_costs(decoders: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for name, rows in decoders.items():
         cost = step_cost(rows)
-        if cost:
+        if not cost:
+            continue
+        through = f"(least-squares line through K = {', '.join(map(str, cost['steps']))})"
+        if cost["per_step_ms"] <= 0:
+            lines.append(f"{name}: no per-step cost resolved at batch {cost['batch']}: the fit "
+                         f"gives {cost['per_step_ms']:.2f} ms per step {through}, i.e. timing "
+                         "noise; rerun with more repeats.")
+        elif cost["fixed_ms"] < 0:
+            lines.append(f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch "
+                         f"{cost['batch']}; the fixed cost per caption is below the timing "
+                         f"noise (the fit gives {cost['fixed_ms']:.2f} ms) {through}.")
+        else:
             lines.append(f"{name}: each step costs {cost['per_step_ms']:.2f} ms at batch "
                          f"{cost['batch']}, on top of {cost['fixed_ms']:.2f} ms per caption "
-                         "(least-squares line through K = "
-                         f"{', '.join(map(str, cost['steps']))}).")
+                         f"{through}.")
     return lines
 
 
