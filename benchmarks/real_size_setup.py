@@ -11,13 +11,17 @@ Writes into ``OUT`` (default ``/tmp/dcap-real-size``):
 * ``paper-local.json``: the ``paper`` preset with ``lm`` and the ``paper_bleu`` tokenizer pointed
   at that folder, and compare's speed phase cut to batch 1 (one repeat, one image).
 
-Then (a few training steps of the faithful ``paper`` preset; ``ViT-B-32`` without a pretrained
-tag is a random-weight CLIP of the real size)::
+The preset also points clipcap (GPT-2 base) and mnic (BERT-base) at random weights over the real
+tokenizer files of ``../shared/tokenizers`` as shipped (a bare GPT-2 BPE folder, a bare WordPiece
+``vocab.txt``), times clipcap at 12 tokens (a random model never ends), and keeps compare's speed
+phase to batch 1 and 4 within a 4-minute budget. Then (a few training steps; ``ViT-B-32`` without
+a pretrained tag is a seeded random-weight CLIP of the real size)::
 
     python benchmarks/real_size_setup.py
     dcap compare --decoders diffusion --preset /tmp/dcap-real-size/paper-local.json \\
         --dataset '{"type": "jsonl", "path": "/tmp/dcap-real-size/coco6.jsonl"}' \\
         --encoder ViT-B-32 --train '{"max_steps": 3}' --out runs/paper-coco6 --threads 2
+    # all three decoders: --decoders clipcap,diffusion,mnic
 """
 
 from __future__ import annotations
@@ -57,11 +61,21 @@ def main(out: str = "/tmp/dcap-real-size") -> None:
             lines.write(json.dumps({"image": str(photos / name), "captions": entry["captions"],
                                     "image_id": entry["image_id"], "split": split}) + "\n")
 
+    tokenizers = SHARED / "tokenizers"
     preset = {
         "include": ["paper"],
         "paper_bleu": {"tokenizer": str(model_dir)},
-        "speed": {"batch_sizes": [1], "repeats": 1, "images": 1},
-        "decoders": {"diffusion": {"decoder": {"lm": str(model_dir)}}},
+        "speed": {"batch_sizes": [1, 4], "repeats": 1, "warmup": 1, "images": 1,
+                  "steps": [1], "max_seconds": 240},
+        "decoders": {
+            "diffusion": {"decoder": {"lm": str(model_dir)}},
+            # GPT-2 base and BERT-base with random weights (built-in configs), over the real
+            # tokenizer files exactly as shipped: GPT-2's vocab.json + merges.txt, BERT's vocab.txt
+            "clipcap": {"decoder": {"lm_pretrained": False, "tokenizer": str(tokenizers / "gpt2")},
+                        "generate": {"num_beams": 1, "fixed_tokens": 12}},
+            "mnic": {"decoder": {"lm_pretrained": False,
+                                 "tokenizer": str(tokenizers / "bert-base-uncased")}},
+        },
     }
     (folder / "paper-local.json").write_text(json.dumps(preset, indent=2))
     print(f"wrote {model_dir}, {folder / 'coco6.jsonl'} and {folder / 'paper-local.json'}")

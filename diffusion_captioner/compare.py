@@ -78,10 +78,15 @@ def clipscore_prompt(encoder_cfg: dict[str, Any]) -> str:
     return "" if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX) else "A photo depicts "
 
 
-def speed_options(block: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """A preset's ``speed`` block (``repeats``, ``batch_sizes``, ``images``) as keyword
-    arguments of :func:`analysis.bench_decoders`; an unknown key fails naming the known ones."""
-    known = {"repeats", "batch_sizes", "images"}
+def speed_options(block: dict[str, Any] | bool | None, repeats: int) -> dict[str, Any] | None:
+    """A preset's ``speed`` block (``repeats``, ``warmup``, ``batch_sizes``, ``images``, ``steps``:
+    the iterative decoders' step counts, ``max_seconds``: a budget for the whole phase) as keyword
+    arguments of :func:`analysis.bench_decoders`; ``false`` switches the phase off (None). An
+    unknown key fails naming the known ones."""
+    if block is False:
+        return None
+    block = dict(block or {})
+    known = {"repeats", "warmup", "batch_sizes", "images", "steps", "max_seconds"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise ValueError(f"preset speed block: unknown key(s) {', '.join(unknown)}; known: "
@@ -91,6 +96,12 @@ def speed_options(block: dict[str, Any], repeats: int) -> dict[str, Any]:
         options["batch_sizes"] = tuple(int(b) for b in block["batch_sizes"])
     if "images" in block:
         options["images"] = int(block["images"])
+    if "steps" in block:
+        options["steps"] = tuple(int(k) for k in block["steps"])
+    if "warmup" in block:
+        options["warmup"] = int(block["warmup"])
+    if block.get("max_seconds") is not None:
+        options["max_seconds"] = float(block["max_seconds"])
     return options
 
 
@@ -213,7 +224,7 @@ def compare(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
-    speed = speed_options(plan.get("speed") or {}, bench_repeats)
+    speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named
     check_available(
@@ -260,12 +271,14 @@ def compare(
         "skipped_images": {s: len(f.skipped) for s, f in work.splits.items()},
         "decoders": summaries,
         "significance": analysis.significance(out, names),
-        "speed": analysis.bench_decoders(loaded.decoders, loaded.generate_options, test.features,
-                                         device, **speed),
+        "speed": {} if speed is None else analysis.bench_decoders(
+            loaded.decoders, loaded.generate_options, test.features, device, **speed),
+        "speed_off": speed is None,
         "examples": analysis.examples(out, work.dataset, test, names, loaded.decoders,
                                       loaded.generate_options),
     }
-    (out / "speed.json").write_text(json.dumps(metrics["speed"], indent=2))
+    if metrics["speed"]:
+        (out / "speed.json").write_text(json.dumps(metrics["speed"], indent=2))
     logs = {}
     for name in names:
         with jsonlines.open(out / name / "train_log.jsonl") as log:

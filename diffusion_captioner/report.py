@@ -26,7 +26,7 @@ def _format(value: Any) -> str:
 
 
 def _speed_at(metrics: dict[str, Any], name: str, batch: int, options: dict | None = None):
-    rows = metrics.get("speed", {}).get("decoders", {}).get(name, [])
+    rows = (metrics.get("speed") or {}).get("decoders", {}).get(name, [])
     for row in rows:
         if row["batch"] == batch and (options is None or row["options"] == options):
             return row
@@ -146,6 +146,9 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
         lines += [""]
 
     speed = metrics.get("speed")
+    if metrics.get("speed_off"):
+        lines += ["## Speed", "", "Not measured: the preset switches the speed phase off "
+                  "(`\"speed\": false`); `dcap bench --run` times the run's decoders.", ""]
     if speed:
         lines += ["## Speed", "",
                   f"Medians of {speed['repeats']} timed runs after warm-up, all decoders in one "
@@ -162,6 +165,9 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                              + (f"the faster one changes at batch {batch}." if batch else
                                 "the faster one is the same at every batch size measured."))
         lines += [f"- {line}" for line in describe_step_costs(speed.get("decoders", {}))]
+        if speed.get("cut_by_budget"):
+            lines.append("- the speed phase's time budget (`max_seconds`) cut the rows of "
+                         + ", ".join(speed["cut_by_budget"]) + ": see speed.json for those timed")
         lines.append("")
 
     plots = [(title, name) for title, name in (

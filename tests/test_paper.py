@@ -354,6 +354,24 @@ def test_preset_speed_block_is_checked():
 
     assert speed_options({"batch_sizes": [1], "repeats": 1, "images": 2}, 5) == {
         "repeats": 1, "batch_sizes": (1,), "images": 2}
-    assert speed_options({}, 5) == {"repeats": 5}
+    assert speed_options({}, 5) == speed_options(None, 5) == {"repeats": 5}
+    assert speed_options(False, 5) is None  # the phase switched off
+    assert speed_options({"steps": [1, 5], "max_seconds": 60, "warmup": 0}, 5) == {
+        "repeats": 5, "steps": (1, 5), "max_seconds": 60.0, "warmup": 0}
     with pytest.raises(ValueError, match="unknown key.*batches.*known: batch_sizes"):
         speed_options({"batches": [1]}, 5)
+
+
+def test_an_absent_text_token_gives_what_a_masked_one_gave(tmp_path):
+    """Without a text feature the concat fusion leaves the text token out instead of masking
+    it: one position fewer per denoiser call, the same outputs."""
+    decoder = build(tmp_path, text_condition=True, time_embedding=False, sampler="feed",
+                    self_conditioning=False).eval()
+    x_t = torch.randn(3, decoder.max_length, decoder.denoiser.dim)
+    t, image = torch.tensor([4, 50, 99]), torch.randn(3, FEATURE_DIM)
+    zeros = torch.zeros(3, FEATURE_DIM)
+    image_h, _ = decoder.denoiser.project(decoder._features(image))
+    masked = decoder.denoiser(x_t, t, image, zeros, torch.zeros(3, dtype=torch.bool),
+                              projected=(image_h, torch.zeros(3, 1, decoder.denoiser.dim)))
+    absent = decoder.denoiser(x_t, t, image, None, None, projected=(image_h, None))
+    torch.testing.assert_close(absent, masked, rtol=1e-5, atol=1e-5)

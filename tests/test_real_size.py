@@ -248,3 +248,23 @@ def test_the_last_step_is_logged_and_short_curves_show(tmp_path):
     _plain_numbers(axis)  # four decades: minor ticks unlabelled, so labels cannot overlap
     assert isinstance(axis.yaxis.get_minor_formatter(), NullFormatter)
     plt.close(figure)
+
+
+def test_a_time_budget_stops_the_speed_phase_early():
+    from diffusion_captioner.analysis import bench_decoders
+
+    class Slow(torch.nn.Module):
+        step_sweep = ()
+
+        def generate(self, features, **_):
+            time.sleep(0.02)
+            return ["a"] * len(features)
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+    speed = bench_decoders({"slow": Slow(), "other": Slow()}, {}, torch.randn(4, 3),
+                           repeats=1, warmup=0, batch_sizes=(1, 2, 4), images=1, max_seconds=0)
+    assert [len(rows) for rows in speed["decoders"].values()] == [1, 1]  # the first row only
+    assert speed["cut_by_budget"] == ["slow", "other"]

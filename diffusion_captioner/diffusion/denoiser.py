@@ -160,15 +160,16 @@ class ConcatFusion(nn.Module):
     def forward(self, h: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
                 text_keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``text_keep`` (B,) bool, or None: every row sees its text feature (no mask to build,
-        the usual case at inference)."""
+        the usual case at inference). Without a text feature at all the text token is left out
+        rather than masked out (the same outputs: a fully masked key adds nothing; one position
+        fewer per call, e.g. 18 -> 17 at the paper's size)."""
         batch, length, _ = h.shape
-        if text is None:
-            text = torch.zeros_like(image[:, :1])  # (B, 1, D), masked out below
-            text_keep = torch.zeros(batch, dtype=torch.bool, device=h.device)  # (B,)
-        h = torch.cat([h, image, text], dim=1)  # (B, L+k+1, D)
-        segments = torch.tensor([0] * length + [1] * self.extra_tokens, device=h.device)
-        h = h + self.segment(segments)[None]  # (B, L+k+1, D)
-        if text_keep is None:
+        parts = [h, image] if text is None else [h, image, text]
+        h = torch.cat(parts, dim=1)  # (B, L+k[+1], D)
+        extra = h.shape[1] - length
+        segments = torch.tensor([0] * length + [1] * extra, device=h.device)
+        h = h + self.segment(segments)[None]  # (B, L+k[+1], D)
+        if text_keep is None or text is None:
             return h, None
         mask = h.new_ones(h.shape[:2], dtype=torch.long)  # (B, L+k+1)
         mask[:, -1] = text_keep.long()
