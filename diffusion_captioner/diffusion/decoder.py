@@ -387,7 +387,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def lm_logits(self, x0: torch.Tensor) -> torch.Tensor:
         """The frozen LM head on diffusion-space vectors: ``(x / s * sigma + mu) E^T`` (B, L, V)."""
         raw = x0 / self.embed_scale * self.emb_std + self.emb_mean  # (B, L, E)
-        return raw @ self.word_embeddings.T  # (B, L, V)
+        return F.linear(raw, self.word_embeddings)  # (B, L, V); BLAS's addmm, a bit faster than @ E.T
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         """Captions -> (B, L) ids: words cut to L - 1 (L - 2 after a ``start_token``), the end
