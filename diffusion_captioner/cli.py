@@ -210,7 +210,8 @@ class Commands:
 
             torch.set_num_threads(int(threads))
         if run is not None:
-            images, repeats = images or 16, repeats or 5
+            images = 16 if images is None else images
+            repeats = 5 if repeats is None else repeats
             check_image_count(images)
             speed = bench_run(run, device=device, repeats=repeats, threads=threads,
                               images=images, compile_backend=backend)
@@ -218,7 +219,8 @@ class Commands:
         else:
             from diffusion_captioner.bench_preset import bench_preset
 
-            images, repeats = images or 4, repeats or 3
+            images = 4 if images is None else images
+            repeats = 3 if repeats is None else repeats
             step_counts = step_counts if step_counts is not None else (1,)
             check_image_count(images)
             speed = bench_preset(preset, as_list(decoders) or None, device,
