@@ -295,25 +295,19 @@ def check_available(models: list[tuple[str, str]],
     """Fail in one line naming *every* hub model (``(name, what)``) and open_clip weights
     (``(model, pretrained)``) that is neither local, cached nor reachable, before any work; the
     guards of :func:`hf_access` and :func:`open_clip_access` decide, nothing is loaded."""
+    guards = [(f"{what} {name!r}", lambda n=name, w=what: hf_access(n, w))
+              for name, what in dict.fromkeys(models)]
+    guards += [(f"open_clip weights {model}:{pretrained}",
+                lambda m=model, p=pretrained: open_clip_access(m, p))
+               for model, pretrained in open_clip_models]
     missing: list[str] = []
     first: str | None = None
-    seen: set[tuple[str, str]] = set()
-    for name, what in models:
-        if (name, what) in seen:
-            continue
-        seen.add((name, what))
+    for label, guard in guards:
         try:
-            with hf_access(name, what):
+            with guard():
                 pass
         except ComponentError as error:
-            missing.append(f"{what} {name!r}")
-            first = first or str(error)
-    for model, pretrained in open_clip_models:
-        try:
-            with open_clip_access(model, pretrained):
-                pass
-        except ComponentError as error:
-            missing.append(f"open_clip weights {model}:{pretrained}")
+            missing.append(label)
             first = first or str(error)
     if len(missing) == 1:
         raise ComponentError(first)
