@@ -33,6 +33,8 @@ def as_list(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, int | float):  # `--steps 5`: fire gives the number itself
+        return [str(value)]
     return [str(v).strip() for v in value]
 
 
@@ -432,6 +434,32 @@ class Commands:
         print(json.dumps(report["held_out"], indent=2))
 
 
+def check_flags(argv: list[str]) -> None:
+    """Reject a mistyped ``--flag`` of a command at once, before anything loads (fire would
+    complain only after the command had run, e.g. after training every decoder); the error
+    names the accepted flags. ``--name=value``, fire's ``--noflag`` for booleans and dashes for
+    underscores are understood; everything after a bare ``--`` belongs to fire."""
+    import inspect
+
+    if not argv or argv[0].startswith("-") or not hasattr(Commands, argv[0]):
+        return  # no command (fire lists them) or an unknown one (fire names it)
+    command = argv[0]
+    parameters = [p for p in inspect.signature(getattr(Commands, command)).parameters
+                  if p != "self"]
+    accepted = set(parameters)
+    for token in argv[1:]:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in accepted or (name.startswith("no") and name[2:] in accepted):
+            continue
+        flags = ", ".join(f"--{p.replace('_', '-')}" for p in parameters)
+        raise ValueError(f"dcap {command}: unknown flag {token.split('=', 1)[0]}; "
+                         f"accepted: {flags} (dcap {command} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcap``: one clear line and a non-zero exit for bad input, no traceback."""
     from diffusion_captioner.images import BadImageError
@@ -447,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" not in argv and helps & set(argv):  # fire's own form: no "INFO: Showing help" line
         argv = [a for a in argv if a not in helps] + ["--", "--help"]
     try:
+        check_flags(argv)
         fire.Fire(Commands, command=argv, name="dcap")
     except (registry.ComponentError, EvaluationInputError, BadImageError, FileNotFoundError,
             ValueError) as error:

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,19 @@ def test_missing_java_is_one_line_before_any_work(tmp_path, capsys, monkeypatch,
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, "Java")
     assert not (tmp_path / "run" / "clipcap").exists()  # nothing trained half way
+
+
+@pytest.mark.parametrize("command", ["compare", "bench", "evaluate", "extract", "caption",
+                                     "serve", "list", "pretrain_clip"])
+def test_an_unknown_flag_fails_every_command_before_any_work(command, capsys):
+    started = time.perf_counter()
+    code, out, err = run_cli([command, "--decoderz", "clipcap"], capsys)
+    assert_one_line_error(code, err, f"dcap {command}: unknown flag --decoderz", "accepted: --")
+    assert time.perf_counter() - started < 5
+
+
+def test_known_flag_spellings_pass_the_flag_check():
+    from diffusion_captioner.cli import check_flags
+
+    check_flags(["compare", "--decoders=clipcap", "--cache-dir", "x", "--noquiet", "--", "--bogus"])
+    check_flags(["no-such-command", "--whatever"])  # fire names the unknown command itself
