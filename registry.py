@@ -167,7 +167,10 @@ class CaptionDecoder(nn.Module, Registrable):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the parameters (else the buffers) live; CPU for a decoder with neither."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ class Commands:
         quiet: bool = False,
         data_dir: str | None = None,
         threads: int | None = None,
+        decoder_config: Any = None,
     ) -> None:
         """Train each decoder on the same cached features and split, score the test split, report.
 
@@ -143,6 +144,9 @@ class Commands:
             encoder: ``embedded`` (default), ``ViT-B-32:openai``, ``local-dir:PATH``...
             cache_dir: feature cache folder (default ``$DCAP_CACHE`` or ``~/.cache/diffusion_captioner``).
             train: JSON object of training overrides for every decoder, e.g. ``{"max_steps": 100}``.
+            decoder_config: JSON object of constructor arguments per decoder, over the preset's,
+                e.g. ``{"diffusion": {"refine_noise": 0.25}, "my_pkg.mod.Mine": {"k": 5}}``
+                (a plugin without a preset entry gets its arguments this way).
             device: ``cpu``, ``cuda``, ``cuda:1``...
             include_package: module(s) whose decorators register your components.
             quiet: no progress bars.
@@ -161,12 +165,18 @@ class Commands:
         names = as_list(decoders) or registry.available("decoder")
         for name in names:
             registry.resolve("decoder", name)  # fail before any work on an unknown name
+        configs = as_dict(decoder_config, "decoder-config") or {}
+        stray = sorted(set(configs) - set(names))
+        if stray or not all(isinstance(v, dict) for v in configs.values()):
+            raise ValueError(f"--decoder-config: a JSON object of {{decoder: {{argument: value}}}} "
+                             f"for the decoders run ({', '.join(names)}); "
+                             + (f"not run: {', '.join(stray)}" if stray else "values must be objects"))
         out_dir = Path(out) if out else Path("runs") / f"{Path(preset).stem}-{'-'.join(names)}"
         metrics = compare(
             names, out_dir, preset=preset, dataset=dataset_config(dataset, data_dir), encoder=encoder,
             cache_dir=Path(cache_dir) / "features" if cache_dir else None,
             train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
-            threads=threads,
+            threads=threads, decoder_overrides=configs,
         )
         print((out_dir / "report.md").read_text())
         print(f"run folder: {out_dir}")

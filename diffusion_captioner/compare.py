@@ -191,6 +191,7 @@ def compare(
     encoder: str | dict | None = None,
     cache_dir: str | Path | None = None,
     train_overrides: dict[str, Any] | None = None,
+    decoder_overrides: dict[str, dict[str, Any]] | None = None,
     device: str = "cpu",
     progress: bool = True,
     bench_repeats: int = 5,
@@ -215,6 +216,7 @@ def compare(
     for name in decoders:
         plans[name] = decoder_plan(plan, name)
         plans[name]["train"].update(train_overrides or {})
+        plans[name]["decoder"].update((decoder_overrides or {}).get(name, {}))
     config = {
         "command": shlex.join(["dcap", *sys.argv[1:]]),
         "preset": preset, "dataset": dataset_cfg, "encoder": encoder_cfg, "decoders": plans,

@@ -223,3 +223,36 @@ def test_known_flag_spellings_pass_the_flag_check():
 
     check_flags(["compare", "--decoders=clipcap", "--cache-dir", "x", "--noquiet", "--", "--bogus"])
     check_flags(["no-such-command", "--whatever"])  # fire names the unknown command itself
+
+
+def test_decoder_config_must_name_decoders_of_the_run(capsys):
+    code, out, err = run_cli(["compare", "--decoders", "clipcap", "--decoder-config",
+                              '{"mnic": {"max_length": 9}}'], capsys)
+    assert_one_line_error(code, err, "--decoder-config", "not run: mnic")
+
+
+def test_decoder_config_reaches_the_plan(monkeypatch, tmp_path):
+    from diffusion_captioner import cli
+    from diffusion_captioner import compare as compare_module
+
+    seen = {}
+
+    def fake_compare(names, out, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    cli.main(["compare", "--decoders", "mnic", "--out", str(tmp_path), "--decoder-config",
+              '{"mnic": {"max_length": 9}}'])
+    assert seen["decoder_overrides"] == {"mnic": {"max_length": 9}}
+
+
+def test_a_decoder_without_parameters_has_a_device():
+    import torch
+
+    from registry import CaptionDecoder
+
+    class Empty(CaptionDecoder):
+        pass
+
+    assert Empty().device == torch.device("cpu")
