@@ -111,6 +111,11 @@ class CaptionDecoder(nn.Module, Registrable):
         return cls.needs_text_features
 
     @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Raise ValueError for a configuration that cannot work, when the plan is made (before
+        any training); default: nothing to check."""
+
+    @classmethod
     def hub_models(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
         """(name, what) of every hub model or tokenizer building from ``config`` would load,
         checked together before a run starts (default: none)."""

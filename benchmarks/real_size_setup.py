@@ -36,7 +36,9 @@ SHARED = ROOT.parent / "shared"
 
 def main(out: str = "/tmp/dcap-real-size") -> None:
     import torch
-    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertForMaskedLM
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    from diffusion_captioner.tokenization import read_tokenizer
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,8 +48,9 @@ def main(out: str = "/tmp/dcap-real-size") -> None:
         sys.exit(f"needs {vocab} and {photos}/captions.json (the project's ../shared)")
 
     model_dir = folder / "distilbert-base"
-    if not (model_dir / "config.json").is_file():
-        tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = read_tokenizer(vocab.parent)  # the bare vocab.txt folder, 30522 word pieces
+    saved = model_dir / "config.json"
+    if not saved.is_file() or json.loads(saved.read_text())["vocab_size"] != len(tokenizer):
         torch.manual_seed(0)
         model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer)))
         model.save_pretrained(str(model_dir))

@@ -142,7 +142,9 @@ def speed_file(compile_backend: str | None = None) -> str:
 
 def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
               threads: int | None = None, images: int = BENCH_IMAGES,
-              compile_backend: str | None = None) -> dict[str, Any]:
+              compile_backend: str | None = None, names: list[str] | None = None,
+              batch_sizes: tuple[int, ...] = BENCH_BATCHES,
+              steps: tuple[int, ...] | None = None) -> dict[str, Any]:
     """``dcap bench``: load a run's decoders, time them side by side, write ``run/speed.json``
     (``run/speed_compiled.json`` with ``compile_backend``, leaving the report's figures alone).
 
@@ -150,14 +152,15 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
     report."""
     check_image_count(images)  # before the run's models are loaded
     run = Path(run)
-    loaded = load_run(run, device=device)
+    loaded = load_run(run, names, device=device)
     config = json.loads((run / "config.json").read_text())
     threads = threads if threads is not None else config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
     features = test_features(config, loaded.encoder).features  # (N, D)
     result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats,
-                            images=images, compile_backend=compile_backend)
+                            batch_sizes=batch_sizes, images=images,
+                            compile_backend=compile_backend, steps=steps)
     (run / speed_file(compile_backend)).write_text(json.dumps(result, indent=2))
     return result
 

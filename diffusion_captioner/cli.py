@@ -186,7 +186,7 @@ class Commands:
               random_init: bool = False, decoders: Any = None, device: str = "cpu",
               repeats: int | None = None, threads: int | None = None,
               images: int | None = None, batch_sizes: Any = "1,4,16,64", steps: Any = None,
-              tokens: int | None = 12, out: str | None = None,
+              tokens: int | None = None, out: str | None = None,
               compile: bool | str = False, include_package: Any = None) -> None:
         """Time decoders side by side (batch sizes, every step count): a trained run, or a
         preset's decoders at their real size with random weights.
@@ -196,8 +196,8 @@ class Commands:
         --preset P --random-init: every decoder of preset P (or --decoders) built untrained at
         the preset's size, on random features of its encoder's width; nothing is downloaded (a
         tokenizer not at hand is replaced by a stand-in of the same vocabulary size); an
-        autoregressive decoder writes exactly --tokens tokens (its end token ignored; 0: until
-        it stops); writes --out (default runs/bench-P.json).
+        autoregressive decoder writes exactly --tokens tokens (default 12; its end token
+        ignored; 0: until it stops); writes --out (default runs/bench-P.json).
         Batches smaller than --images are timed over that many different images (default 16
         for a run, 4 for a preset); --repeats timed runs per row (default 5 / 3); --steps 1,5
         replaces an iterative decoder's step sweep (a preset: 1 besides its default, enough for
@@ -222,11 +222,16 @@ class Commands:
 
             torch.set_num_threads(int(threads))
         if run is not None:
+            if tokens is not None or out is not None:
+                raise ValueError("bench: --tokens and --out are for --preset; a trained run "
+                                 "writes its captions to their end, into RUN/speed.json")
             images = 16 if images is None else images
             repeats = 5 if repeats is None else repeats
             check_image_count(images)
             speed = bench_run(run, device=device, repeats=repeats, threads=threads,
-                              images=images, compile_backend=backend)
+                              images=images, compile_backend=backend,
+                              names=as_list(decoders) or None, batch_sizes=sizes,
+                              steps=step_counts)
             written = Path(run) / speed_file(backend)
         else:
             from diffusion_captioner.bench_preset import bench_preset
@@ -235,9 +240,10 @@ class Commands:
             repeats = 3 if repeats is None else repeats
             step_counts = step_counts if step_counts is not None else (1,)
             check_image_count(images)
+            tokens = 12 if tokens is None else int(tokens)
             speed = bench_preset(preset, as_list(decoders) or None, device,
                                  repeats=repeats, images=images, batch_sizes=sizes,
-                                 steps=step_counts, tokens=int(tokens) if tokens else None,
+                                 steps=step_counts, tokens=tokens or None,
                                  compile_backend=backend)
             written = Path(out) if out else Path("runs") / f"bench-{Path(preset).stem}.json"
             written.parent.mkdir(parents=True, exist_ok=True)

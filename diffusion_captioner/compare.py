@@ -226,6 +226,8 @@ def compare(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
+    for p in plans.values():  # a configuration that cannot work fails before any work
+        resolve("decoder", p["decoder"]["type"]).check_config(p["decoder"])
     speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named

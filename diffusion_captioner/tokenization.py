@@ -16,6 +16,7 @@ adds special tokens; decoders add the ones they need themselves (and pass
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -122,7 +123,17 @@ def read_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         cased = any(line.strip() != line.strip().lower()
                     for line in vocab.read_text(encoding="utf-8").splitlines()
                     if not line.startswith("["))
-        return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=not cased)
+        # the vocabulary argument is `vocab` in transformers 5 (`vocab_file`, which 5.x silently
+        # ignores, leaving 5 special tokens, in 4.x)
+        keyword = ("vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters
+                   else "vocab_file")
+        tokenizer = BertTokenizerFast(**{keyword: str(vocab)}, do_lower_case=not cased)
+        if len(tokenizer) < sum(1 for line in vocab.read_text(encoding="utf-8").splitlines()
+                                if line.strip()):
+            raise ComponentError(f"tokenizer folder {path}: vocab.txt was read as "
+                                 f"{len(tokenizer)} tokens; save the tokenizer with "
+                                 "save_pretrained and pass that folder")
+        return tokenizer
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:

@@ -93,6 +93,13 @@ class TrainConfig:
                                                          or config.final_lr is None):
             raise ValueError("training option lr_schedule='linear_per_epoch' needs epochs and "
                              "final_lr")
+        if config.lr_schedule == "linear_per_epoch" and (config.warmup_steps or
+                                                         config.num_cycles != 1):
+            raise ValueError("training option lr_schedule='linear_per_epoch' takes no "
+                             "warmup_steps or num_cycles")
+        if config.lr_schedule != "linear_per_epoch" and config.final_lr is not None:
+            raise ValueError(f"training option final_lr is for lr_schedule='linear_per_epoch', "
+                             f"not {config.lr_schedule!r}")
         if not (config.eval_every == "epoch" or (isinstance(config.eval_every, int)
                                                  and config.eval_every >= 1)):
             raise ValueError(f"training option eval_every={config.eval_every!r}: a number of "
@@ -162,11 +169,6 @@ class Trainer:
             cpu=config.cpu or not torch.cuda.is_available(),
         )
         set_seed(config.seed)
-        if self.accelerator.device.type == "cpu":
-            # Subnormal floats are up to ~100x slower on x86 CPUs: at real size the rounding
-            # loss's backward (random N(0, 1) word vectors, logits of +-150, softmax gradients
-            # of 1e-40) spent most of its time on them. Flushed to zero for this process.
-            torch.set_flush_denormal(True)
         self.train_data, self.val_data = train, val
         trainable = [p for p in decoder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -321,6 +323,10 @@ class Trainer:
                    disable=not (self.progress and self.accelerator.is_main_process))
         running: dict[str, float] = {}
         running_steps = 0
+        # Subnormal floats are many times slower on x86 CPUs: at real size the rounding loss's
+        # backward (random N(0, 1) word vectors, logits of +-150, softmax gradients of 1e-40)
+        # spent most of its time on them. Flushed to zero while training on CPU, then restored.
+        flush = self.accelerator.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
             while self.state.step < self.total_steps:
                 for _ in range(cfg.grad_accum):
@@ -333,8 +339,8 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     for name, value in parts.items():
                         running[name] = running.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                    self.state.train_loss_sum += float(parts["loss"].detach()) / cfg.grad_accum
                 running_steps += 1
-                self.state.train_loss_sum += float(parts["loss"].detach())
                 self.state.train_loss_steps += 1
                 self.scheduler.step()
                 self.state.step += 1
@@ -361,10 +367,14 @@ class Trainer:
                 if self.state.step == stop_at_step:
                     break
         finally:
+            if flush:
+                torch.set_flush_denormal(False)
             bar.close()
             if log is not None:
                 log.close()
-        if self.state.finished and not self.best_dir.exists():
+        last_is_kept = (self.config.checkpoint_rule == "first_overfit"
+                        and not self.state.overfit_kept)  # never overfit: the last weights
+        if self.state.finished and (last_is_kept or not self.best_dir.exists()):
             self._save_best()
         return self.state
 
@@ -373,6 +383,9 @@ class Trainer:
         state = self.state
         train_loss = state.train_loss_sum / max(1, state.train_loss_steps)
         state.train_loss_sum, state.train_loss_steps = 0.0, 0
+        if self.accelerator.num_processes > 1:  # one verdict on every process (each saves)
+            local = torch.tensor(train_loss, device=self.accelerator.device)
+            train_loss = float(self.accelerator.reduce(local, reduction="mean"))
         if self.config.checkpoint_rule == "first_overfit":
             # the original's rule: keep the first weights whose validation loss exceeds
             # overfit_ratio x the training loss since the last validation (else the last ones)

@@ -105,13 +105,24 @@ def test_every_sampler_feeds_what_training_showed_at_that_timestep(tmp_path, tem
                 assert not unseen, f"{sampler} (clamp={clamp}) step {step + 1}: {unseen}"
 
 
-def test_samplers_whose_inputs_training_never_shows_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="time_embedding=False"):
-        build(tmp_path, sampler="feed", time_embedding=True)
-    with pytest.raises(ValueError, match="temperature 1"):
-        build(tmp_path, sampler="ddim", temperature=0.0)
-    with pytest.raises(ValueError, match="mixed_noise or refine_noise"):
-        build(tmp_path, sampler="refine", mixed_noise=0.0, refine_noise=0.0)
+def test_samplers_whose_inputs_training_never_shows_are_refused(tmp_path, caplog):
+    from diffusion_captioner.diffusion.decoder import DiffusionDecoder
+
+    for bad, why in (({"sampler": "feed", "time_embedding": True}, "time_embedding=False"),
+                     ({"sampler": "ddim", "temperature": 0.0}, "temperature 1"),
+                     ({"sampler": "refine", "mixed_noise": 0.0, "refine_noise": 0.0},
+                      "mixed_noise or refine_noise")):
+        with pytest.raises(ValueError, match=why):  # at plan time, before any training
+            DiffusionDecoder.check_config({"type": "diffusion", **bad})
+        caplog.clear()
+        with caplog.at_level("WARNING"):  # a checkpoint trained before the check still loads
+            decoder = build(tmp_path, **bad)
+        assert why in caplog.text
+        with pytest.raises(ValueError, match=why):  # asked for explicitly: refused
+            decoder.generate(torch.randn(1, FEATURE_DIM), sampler=bad["sampler"])
+    DiffusionDecoder.check_config({"type": "diffusion"})  # the defaults are consistent
+    stale = build(tmp_path, sampler="refine", mixed_noise=0.5, temperature=0.0)
+    assert len(stale.generate(torch.randn(1, FEATURE_DIM), sampler="ddim", temperature=1.0)) == 1
     # the original: no timestep input, so the fed-back estimate carries no label to contradict
     decoder = build(tmp_path, sampler="feed", time_embedding=False).eval()
     x_t = torch.randn(2, decoder.max_length, decoder.denoiser.dim)
@@ -230,6 +241,11 @@ def test_linear_per_epoch_lr_is_constant_within_an_epoch(tmp_path):
         TrainConfig.from_dict({"lr_schedule": "linear_per_epoch", "epochs": 2})
     with pytest.raises(ValueError, match="best_val, first_overfit"):
         TrainConfig.from_dict({"checkpoint_rule": "lowest"})
+    with pytest.raises(ValueError, match="takes no warmup_steps"):  # accepted, then ignored
+        TrainConfig.from_dict({"lr_schedule": "linear_per_epoch", "epochs": 2, "final_lr": 1e-5,
+                               "warmup_steps": 10})
+    with pytest.raises(ValueError, match="final_lr is for"):
+        TrainConfig.from_dict({"lr_schedule": "linear", "final_lr": 1e-5})
 
 
 @pytest.mark.parametrize("ratio, kept_at_first", [(0.0, True), (1e9, False)])

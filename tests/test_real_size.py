@@ -110,8 +110,17 @@ def tokenizer_folder(tmp_path: Path, form: str) -> Path:
 @pytest.mark.parametrize("form", ["saved", "wordpiece-vocab-txt", "gpt2-bpe"])
 @pytest.mark.parametrize("name", ["clipcap", "mnic", "diffusion"])
 def test_every_tokenizer_folder_form_loads_for_every_decoder(tmp_path, name, form):
+    from diffusion_captioner.tokenization import read_tokenizer
+
+    folder = tokenizer_folder(tmp_path, form)
+    if form != "gpt2-bpe":  # the whole vocabulary, and a caption round-trips without [UNK]
+        tokenizer = read_tokenizer(folder)
+        assert len(tokenizer) == 5 + len(WORDS)
+        ids = tokenizer(CAPTIONS[1], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids).replace(" .", ".") == CAPTIONS[1].replace(" .", ".")
     config = tiny_decoder_config(name, 8, tmp_path)
-    config["tokenizer"] = str(tokenizer_folder(tmp_path, form))
+    config["tokenizer"] = str(folder)
     torch.manual_seed(0)
     decoder = build("decoder", config, feature_dim=8)
     parts = decoder.loss({"features": torch.randn(2, 8), "captions": list(CAPTIONS[:2])})

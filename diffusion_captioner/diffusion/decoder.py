@@ -53,7 +53,9 @@ training step would be spent at noise levels where the image does not matter.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -267,7 +269,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: refine_noise must be in [0, 1], got {refine_noise}")
         if temperature < 0:
             raise ValueError(f"diffusion: temperature must be >= 0, got {temperature}")
-        self._check_sampler(sampler)
+        problem = self.sampler_problem(sampler, self._config)
+        if problem:  # a checkpoint trained before the check: it loads, and says so
+            logger.warning("%s", problem)
         self.max_length = int(max_length)
         self.schedule = NoiseSchedule(schedule, diffusion_steps)
         self.restore_fn = RESTORE_LOSSES[restore_loss]
@@ -323,26 +327,39 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self.register_buffer("x0_std", ((table - mean) / std * embed_scale).std().reshape(()))
         self.register_buffer("rounding_lambda", torch.tensor(float(rounding_weight)))
 
-    def _check_sampler(self, sampler: str) -> None:
-        """Refuse a sampler whose inputs this configuration never trains on (see the class
-        docstring); an unknown name fails listing the samplers."""
+    @staticmethod
+    def sampler_problem(sampler: str, config: dict[str, Any],
+                        temperature: float | None = None) -> str | None:
+        """Why ``sampler`` would feed this configuration's denoiser inputs training never shows
+        (see the class docstring), or None; ``temperature``: the one generation runs at (default
+        the config's). An unknown sampler name fails listing the samplers."""
         sampler_for(sampler)
-        cfg = self._config
-        if sampler == "feed" and cfg["time_embedding"]:
-            raise ValueError(
-                "diffusion: the feed sampler hands the denoiser its own clean x_0 estimate, which "
-                "no timestep label matches in training (t = 800 means a noisy input there); use "
-                "time_embedding=False (the original code) or the ddim / renoise sampler")
-        if sampler == "ddim" and cfg["temperature"] != 1:
-            raise ValueError(
-                f"diffusion: DDIM from a start at temperature {cfg['temperature']:g} carries almost "
-                "no noise into its later steps, while training shows unit-variance noise at every "
-                "t < T; use temperature 1, or the renoise / refine sampler")
-        if sampler == "refine" and cfg["mixed_noise"] == 0 and cfg["refine_noise"] == 0:
-            raise ValueError(
-                "diffusion: the refine sampler feeds committed words (t = 0) beside restarted "
-                "positions (t = T), which training never shows without per-position noise; "
-                "set mixed_noise or refine_noise > 0, or use another sampler")
+        tau = config["temperature"] if temperature is None else temperature
+        if sampler == "feed" and config["time_embedding"]:
+            return ("diffusion: the feed sampler hands the denoiser its own clean x_0 estimate, "
+                    "which no timestep label matches in training (t = 800 means a noisy input "
+                    "there); use time_embedding=False (the original code) or the ddim / renoise "
+                    "sampler")
+        if sampler == "ddim" and tau != 1:
+            return (f"diffusion: DDIM from a start at temperature {tau:g} carries almost no noise "
+                    "into its later steps, while training shows unit-variance noise at every "
+                    "t < T; use temperature 1, or the renoise / refine sampler")
+        if sampler == "refine" and config["mixed_noise"] == 0 and config["refine_noise"] == 0:
+            return ("diffusion: the refine sampler feeds committed words (t = 0) beside restarted "
+                    "positions (t = T), which training never shows without per-position noise; "
+                    "set mixed_noise or refine_noise > 0, or use another sampler")
+        return None
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Refuse, before any training, a configuration whose sampler feeds inputs training never
+        shows. (Building one only warns, so checkpoints trained before the check still load.)"""
+        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        full = {**defaults, **{k: v for k, v in config.items() if k != "type"}}
+        problem = cls.sampler_problem(full["sampler"], full)
+        if problem:
+            raise ValueError(problem)
 
     # ---------------------------------------------------------------- config and checkpoints
     @property
@@ -474,7 +491,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         else:
             noise = gaussian(t.shape[0], length, width)  # (N B, L, E)
         self_condition = self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5)
-        noise_1 = gaussian(batch_size, length, width) if self._config["x1_loss"] else None
+        # the x_1 term's noise is drawn after the x_t forward (dropout draws from the same RNG)
+        noise_1 = (lambda: gaussian(batch_size, length, width)) if self._config["x1_loss"] else None
         parts = self.denoising_loss(ids, image, text, keep, t, noise, noise_1, self_condition)
         total = parts["loss"]
         if self.length_head is not None:
@@ -544,12 +562,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     def denoising_loss(self, ids: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
                        keep: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                       noise_1: torch.Tensor | None = None,
+                       noise_1: torch.Tensor | Callable[[], torch.Tensor] | None = None,
                        self_condition: bool = False) -> dict[str, torch.Tensor]:
         """L_simple' + lambda L_R (key ``loss``) and its parts for given draws: ``ids`` (B, L),
         ``image`` (B, D), ``text`` (B, D) or None, ``keep`` (B,), ``t`` (N B,) or (N B, L) and
         ``noise`` (N B, L, E) for N noise levels per caption (row n B + b is caption b at its
-        n-th level), ``noise_1`` (B, L, E) for the x_1 term (None: no x_1 term).
+        n-th level), ``noise_1`` (B, L, E) for the x_1 term, or a function drawing it when it
+        is needed (None: no x_1 term).
 
         With N levels the x_t terms are means over the N B rows, i.e. the mean of the N
         single-level losses; the x_1 term is counted once per caption."""
@@ -588,6 +607,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         parts: dict[str, torch.Tensor] = {"restore_xt": restore_t, "rounding_xt": rounding_t}
         l_simple, l_rounding = restore_t, rounding_t
         if noise_1 is not None:
+            noise_1 = noise_1() if callable(noise_1) else noise_1  # (B, L, E)
             ones = torch.ones(batch, dtype=torch.long, device=self.device)  # (B,)
             x_1 = self.schedule.q_sample(x0, ones, noise_1)  # (B, L, E)
             x0_hat_1 = self.denoise(x_1, ones, image, text, keep,
@@ -696,7 +716,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         mode = cfg["sampler"] if sampler is None else sampler
         snap = bool(cfg["clamp"] if clamp is None else clamp)
         tau = float(cfg["temperature"] if temperature is None else temperature)
-        self._check_sampler(mode)
+        problem = self.sampler_problem(mode, cfg, tau)
+        if problem and sampler is not None:  # asked for explicitly: refused
+            raise ValueError(problem)
+        if problem:
+            logger.warning("%s", problem)
         stepper = sampler_for(mode)
         if tau != cfg["temperature"]:
             logger.warning("diffusion: temperature %.2f differs from the %.2f this denoiser was "
