@@ -120,6 +120,8 @@ class SavesLanguageModel:
         """The tokenizer (``tokenizer``, else ``lm``) and, when pretrained or its architecture
         is not built in, the LM itself."""
         lm = str(config.get("lm") or cls.default_lm)
+        if not lm:  # a plugin that names no default: nothing known to check
+            return []
         pretrained = bool(config.get("lm_pretrained", True))
         names = [(str(config.get("tokenizer") or lm), "tokenizer")]
         if pretrained or lm not in cls.offline_configs:
