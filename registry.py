@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -172,10 +173,10 @@ class CaptionDecoder(nn.Module, Registrable):
 
     @property
     def device(self) -> torch.device:
-        """Where the parameters (else the buffers) live; CPU for a decoder with neither."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        """Where the parameters (else the buffers) live; CPU for a decoder with neither. Only
+        the first is looked at: this is called on every generation step."""
+        first = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
 
 
 @dataclass(frozen=True)
