@@ -117,6 +117,21 @@ class CaptionDecoder(nn.Module, Registrable):
         any training); default: nothing to check."""
 
     @classmethod
+    def check_generate_options(cls, options: dict[str, Any]) -> None:
+        """Raise ValueError, when the plan is made, for a generation option ``generate`` does not
+        name (a typo in a preset's ``generate`` block would otherwise run with the defaults):
+        the accepted ones are its named parameters after ``features``. A ``generate`` that takes
+        only ``**options`` accepts anything."""
+        parameters = list(inspect.signature(cls.generate).parameters.values())[2:]  # self, features
+        named = [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not named and any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return
+        unknown = sorted(set(options) - set(named))
+        if unknown:
+            raise ValueError(f"{cls.__name__}.generate has no option {', '.join(unknown)}; it "
+                             f"takes: {', '.join(named) or '(none)'}")
+
+    @classmethod
     def hub_models(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
         """(name, what) of every hub model or tokenizer building from ``config`` would load,
         checked together before a run starts (default: none)."""

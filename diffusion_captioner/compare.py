@@ -227,7 +227,9 @@ def compare(
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
     for p in plans.values():  # a configuration that cannot work fails before any work
-        resolve("decoder", p["decoder"]["type"]).check_config(p["decoder"])
+        decoder_class = resolve("decoder", p["decoder"]["type"])
+        decoder_class.check_config(p["decoder"])
+        decoder_class.check_generate_options(p["generate"])
     speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named

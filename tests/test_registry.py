@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+import registry
+
 USER_MODULE = '''
 from typing import Any
 
@@ -153,3 +155,29 @@ def test_evaluating_switches_to_eval_and_restores_only_what_it_changed():
     with pytest.raises(RuntimeError), decoder.evaluating():
         raise RuntimeError("generation failed")
     assert decoder.training  # restored even when the block raises
+
+
+@pytest.mark.parametrize("name", ["clipcap", "diffusion", "mnic"])
+def test_an_unknown_generation_option_fails_at_plan_time_naming_the_accepted(name, tmp_path):
+    import json
+    import time
+
+    from diffusion_captioner.compare import compare
+
+    assert set(registry.available("decoder")) >= {"clipcap", "diffusion", "mnic"}
+    preset = tmp_path / "typo.json"
+    preset.write_text(json.dumps({"include": ["embedded"],
+                                  "decoders": {name: {"generate": {"stpes": 4}}}}))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"generate has no option stpes; it takes: \w+"):
+        compare([name], tmp_path / "run", preset=str(preset), progress=False)
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "run" / name).exists()  # nothing trained
+
+
+def test_a_generate_taking_only_keywords_accepts_any_option():
+    class Loose(registry.CaptionDecoder):
+        def generate(self, features, **options):
+            return []
+
+    Loose.check_generate_options({"anything": 1})
