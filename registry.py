@@ -251,7 +251,7 @@ def load_builtins() -> None:
     _loaded_builtins = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
-    for module in ("baselines.mnic", "diffusion_captioner.diffusion.decoder"):
+    for module in ("baselines.mnic", "baselines.nearest", "diffusion_captioner.diffusion.decoder"):
         try:  # later decoders: present once their issue lands
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -152,6 +152,7 @@ TINY_DECODER_CONFIGS: dict[str, Callable[[int, Path], dict]] = {
     "mnic": lambda feature_dim, tmp_path: tiny_mnic_config(
         feature_dim, tiny_word_tokenizer_dir(tmp_path)
     ),
+    "nearest": lambda feature_dim, tmp_path: {"feature_dim": feature_dim, "k": 1},
 }
 
 
