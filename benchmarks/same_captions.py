@@ -4,7 +4,7 @@ Regenerates every decoder's test captions with its saved best checkpoint and def
 options (from ``<decoder>/summary.json``) on the cached test features, and compares them with
 ``<decoder>/results_test.json``. Exit status 1 when any caption differs::
 
-    python benchmarks/same_captions.py runs/embedded-clipcap-diffusion-mnic
+    python benchmarks/same_captions.py runs/embedded-clipcap-diffusion-mnic-nearest
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def main(run: str = "runs/embedded-clipcap-diffusion-mnic") -> int:
+def main(run: str = "runs/embedded-clipcap-diffusion-mnic-nearest") -> int:
     import torch
 
     from diffusion_captioner.compare import prepare_features
