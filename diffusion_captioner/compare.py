@@ -226,16 +226,15 @@ def compare(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
-    for p in plans.values():  # a configuration that cannot work fails before any work
-        decoder_class = resolve("decoder", p["decoder"]["type"])
-        decoder_class.check_config(p["decoder"])
-        decoder_class.check_generate_options(p["generate"])
+    classes = {name: resolve("decoder", p["decoder"]["type"]) for name, p in plans.items()}
+    for name, p in plans.items():  # a configuration that cannot work fails before any work
+        classes[name].check_config(p["decoder"])
+        classes[name].check_generate_options(p["generate"])
     speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named
     check_available(
-        [req for p in plans.values()
-         for req in resolve("decoder", p["decoder"]["type"]).hub_models(p["decoder"])]
+        [req for name, p in plans.items() for req in classes[name].hub_models(p["decoder"])]
         + ([(str(protocol["tokenizer"]), "tokenizer")] if protocol.get("tokenizer") else []),
         [] if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX)
         else [(str(encoder_cfg.get("model")), encoder_cfg.get("pretrained"))])
@@ -247,7 +246,6 @@ def compare(
                              f"batch_size; got {', '.join(sorted(protocol))}")
         bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer"))
 
-    classes = {name: resolve("decoder", p["decoder"]["type"]) for name, p in plans.items()}
     needs_text = any(classes[name].uses_text_features(p["decoder"]) for name, p in plans.items())
     dataset_obj = build("dataset", dataset_cfg)
     encoder_obj = build("encoder", {**encoder_cfg, "device": device})

@@ -417,6 +417,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return ids.to(self.device)  # (B, L)
 
+    def end_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., L) caption ids -> (...,) the position of each caption's end token (encoded
+        captions always have one: :meth:`encode_captions`)."""
+        return (ids == self.end_token_id).long().argmax(-1)
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(B, L) ids -> captions, each cut at its first end or pad token, specials dropped."""
         return decode_until_stop(self.tokenizer, ids.tolist(),
@@ -496,7 +501,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         parts = self.denoising_loss(ids, image, text, keep, t, noise, noise_1, self_condition)
         total = parts["loss"]
         if self.length_head is not None:
-            words = (ids == self.end_token_id).long().argmax(-1)  # (B,), where the end token is
+            words = self.end_positions(ids)  # (B,)
             parts["length"] = F.cross_entropy(self.length_head(image), words)
             total = total + parts["length"]
         if self.text_prior is not None:
@@ -533,7 +538,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         if self._config["refine_noise"] > 0:
             t = self._refine_timesteps(t, ids, uniform)  # (N B, L)
         if self.length_head is not None:
-            words = (ids == self.end_token_id).long().argmax(-1)  # (N B,), the end token
+            words = self.end_positions(ids)  # (N B,)
             positions = torch.arange(length, device=self.device)  # (L,)
             given = (uniform(rows) < 0.5)[:, None] & (positions[None] >= words[:, None])
             t = torch.where(given, 0, t if t.dim() == 2 else t[:, None].expand_as(ids))
@@ -547,7 +552,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         chosen = uniform(rows) < self._config["refine_noise"]  # (R,)
         r = uniform(rows)  # (R,)
         restart = uniform(rows, length) < r[:, None]  # (R, L)
-        words = (ids == self.end_token_id).long().argmax(-1)  # (R,)
+        words = self.end_positions(ids)  # (R,)
         inside = torch.arange(length, device=self.device)[None] <= words[:, None]  # (R, L)
         refine = torch.where(restart & inside, self.schedule.steps, 0)  # (R, L)
         t = t if t.dim() == 2 else t[:, None].expand(rows, length)  # (R, L)
@@ -577,7 +582,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         x0 = self.embed(ids)  # (B, L, E)
         caption_mask = None
         if self._config["mask_padding"]:  # [CLS] words [SEP] attended, padding hidden
-            words = (ids == self.end_token_id).long().argmax(-1)  # (B,)
+            words = self.end_positions(ids)  # (B,)
             caption_mask = torch.arange(ids.shape[1], device=ids.device)[None] <= words[:, None]
 
         def rows(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, ...) -> (N B, ...)
