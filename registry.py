@@ -15,12 +15,15 @@ on a miss, a broken plugin reported and skipped). Users add their own modules wi
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from registrable import Registrable, RegistrationError
 from torch import nn
+
+from diffusion_captioner.checkpoint import load_decoder, save_decoder
+from diffusion_captioner.errors import ComponentError
+from diffusion_captioner.generation import Capabilities, DecoderKind, GenerationOptions
+
+__all__ = ["SPLITS", "Capabilities", "CaptionDataset", "CaptionDecoder", "CaptionRecord",
+           "ComponentError", "DecoderKind", "GenerationOptions", "ImageEncoder", "Role", "Split",
+           "available", "build", "describe", "include_package", "registered_name", "resolve"]
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,10 +64,6 @@ _ENTRY_POINT_GROUPS: dict[Role, str] = {
     "encoder": "diffusion_captioner.encoders",
     "dataset": "diffusion_captioner.datasets",
 }
-
-
-class ComponentError(ValueError):
-    """A component could not be found or built; the message is one line meant for the user."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,24 +93,68 @@ class ImageEncoder(Registrable):
 
 
 class CaptionDecoder(nn.Module, Registrable):
-    """A captioning decoder conditioned on one (D,) image feature per image.
+    """A captioning decoder conditioned on one (D,) image feature per image: the contract.
 
-    Built from ``feature_dim`` plus its own config keys. ``loss(batch)`` takes
-    ``{"features": (B, D) float, "captions": list[str]}`` (plus ``text_features`` (B, D) when the
-    class sets ``needs_text_features``) and
-    returns a dict with the scalar ``loss`` and any named parts to log. ``generate`` maps
-    (B, D) features to B captions. ``save_pretrained``/``from_pretrained`` round-trip the config
-    JSON, safetensors weights and tokenizer files.
+    Required of a subclass (register it with ``@CaptionDecoder.register("name")``):
+
+    * ``__init__(self, feature_dim, ...)``: JSON-able keyword arguments, recorded as
+      :attr:`config` when the constructor returns (never copied by hand), so that
+      ``type(d)(**d.config)`` rebuilds it and checkpoints reload it;
+    * ``loss(batch) -> {"loss": scalar, ...named parts to log}``; ``batch`` is
+      ``{"features": (B, D), "captions": list[str]}`` plus ``text_features`` (B, D) when
+      :meth:`uses_text_features` says so;
+    * ``generate_batch(features, options) -> list[str]``: B captions for (B, D) features, with
+      ``options`` an instance of the class's ``Options``; called by :meth:`generate` under
+      ``torch.no_grad`` in eval mode, never with an empty batch.
+
+    Optional, each with a default:
+
+    * ``Options``: a frozen :class:`GenerationOptions` dataclass (default: no options);
+    * ``capabilities``: a :class:`Capabilities` record (kind, trajectory, step option and
+      sweep, fixed-token option; default: a single-pass decoder with none of them);
+    * ``generate_trajectory_batch(features, options) -> list[list[str]]`` when
+      ``capabilities.trajectory``: per image, the caption after every step;
+    * ``save_extra(directory)`` / ``checkpoint_overrides(directory)``: extra checkpoint files
+      and the constructor arguments that rebuild from them (no-ops);
+    * ``check_config`` / ``check_generate_options``: plan-time refusals (default: the options
+      are parsed, nothing else);
+    * ``uses_text_features``, ``hub_models``, ``step_modules``: see each.
     """
 
-    #: Step counts the compare report sweeps (iterative decoders); empty for one-shot decoders.
-    step_sweep: ClassVar[tuple[int, ...]] = ()
+    #: The generation options ``generate`` takes: a frozen GenerationOptions dataclass.
+    Options: ClassVar[type[GenerationOptions]] = GenerationOptions
+    #: What this decoder can do (read by compare, the report, the bench and the web page).
+    capabilities: ClassVar[Capabilities] = Capabilities()
     #: True when ``loss`` wants ``batch["text_features"]`` (CLIP text features of each caption);
     #: :meth:`uses_text_features` may say so per configuration.
     needs_text_features: ClassVar[bool] = False
-    #: True for an autoregressive decoder whose ``generate`` takes ``fixed_tokens=N`` (write N
-    #: tokens, ignoring the end token: how ``dcap bench --tokens`` times untrained models).
-    fixed_tokens_option: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Record the constructor's arguments as :attr:`config` (as diffusers'
+        ``register_to_config`` does) and check the declared capabilities against ``Options``."""
+        super().__init_subclass__(**kwargs)
+        cls.capabilities.check_against(cls.Options, cls.__name__)
+        if "__init__" not in cls.__dict__:
+            return
+        constructor = cls.__dict__["__init__"]
+        signature = inspect.signature(constructor)
+
+        @functools.wraps(constructor)
+        def __init__(self: CaptionDecoder, *args: Any, **kwargs: Any) -> None:
+            constructor(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            recorded: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:  # self
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_POSITIONAL:
+                    raise TypeError(f"{cls.__name__}: a decoder's constructor takes keyword "
+                                    f"arguments only, not *{name}")
+                recorded.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+            # the outermost constructor returns last: a subclass's arguments win
+            object.__setattr__(self, "_recorded_config", copy.deepcopy(recorded))
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     @classmethod
     def uses_text_features(cls, config: dict[str, Any]) -> bool:
@@ -117,19 +168,12 @@ class CaptionDecoder(nn.Module, Registrable):
         any training); default: nothing to check."""
 
     @classmethod
-    def check_generate_options(cls, options: dict[str, Any]) -> None:
-        """Raise ValueError, when the plan is made, for a generation option ``generate`` does not
-        name (a typo in a preset's ``generate`` block would otherwise run with the defaults):
-        the accepted ones are its named parameters after ``features``. A ``generate`` that takes
-        only ``**options`` accepts anything."""
-        parameters = list(inspect.signature(cls.generate).parameters.values())[2:]  # self, features
-        named = [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        if not named and any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return
-        unknown = sorted(set(options) - set(named))
-        if unknown:
-            raise ValueError(f"{cls.__name__}.generate has no option {', '.join(unknown)}; it "
-                             f"takes: {', '.join(named) or '(none)'}")
+    def check_generate_options(cls, options: dict[str, Any],
+                               config: dict[str, Any] | None = None) -> GenerationOptions:
+        """The parsed options of a preset's ``generate`` block, when the plan is made: an
+        unknown or mistyped option fails in one line naming the accepted ones. ``config``: the
+        decoder config they will run with, for a subclass that checks the two together."""
+        return cls.Options.parse(options, owner=cls.__name__)
 
     @classmethod
     def hub_models(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -137,13 +181,52 @@ class CaptionDecoder(nn.Module, Registrable):
         checked together before a run starts (default: none)."""
         return []
 
+    @classmethod
+    def registered_name(cls) -> str:
+        """The name this class is registered under (its dotted path when it is not)."""
+        return registered_name(cls)
+
+    @classmethod
+    def class_for(cls, name: str) -> type[CaptionDecoder]:
+        """The decoder class ``name`` (registered, dotted path or entry point) if it is a
+        subclass of ``cls``; :class:`ComponentError` otherwise."""
+        found = (CaptionDecoder.by_name(name) if CaptionDecoder.is_registered(name)
+                 else resolve("decoder", name))
+        if not issubclass(found, cls):
+            raise ComponentError(f"decoder {name!r} ({found.__name__}) is not a {cls.__name__}")
+        return found
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CaptionDecoder:
+        """``cls(**config)``; a key the constructor does not take fails naming those it does."""
+        return construct(cls, "decoder", cls.registered_name(), config)
+
+    @classmethod
+    def upgrade_config(cls, saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A checkpoint's saved config -> (today's constructor arguments, generation defaults
+        it carried): how a decoder whose arguments changed keeps loading old checkpoints
+        (default: unchanged, no defaults)."""
+        return saved, {}
+
     def __init__(self) -> None:
         nn.Module.__init__(self)
+        #: Generation defaults a loaded checkpoint carried (:meth:`upgrade_config`): under the
+        #: caller's options, over the class's.
+        self.generation_defaults: dict[str, Any] = {}
 
     @property
     def config(self) -> dict[str, Any]:
-        """Constructor arguments, key for key, so ``type(self)(**self.config)`` rebuilds it."""
-        raise NotImplementedError
+        """Constructor arguments, key for key, as recorded when the constructor returned."""
+        try:
+            return copy.deepcopy(self.__dict__["_recorded_config"])
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__}.config is recorded when the constructor "
+                                 "returns; it is not available inside it") from None
+
+    @property
+    def hparams(self) -> Mapping[str, Any]:
+        """:attr:`config` read-only and uncopied, for the decoder's own hot paths."""
+        return types.MappingProxyType(self.__dict__["_recorded_config"])
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -152,14 +235,59 @@ class CaptionDecoder(nn.Module, Registrable):
         """The training forward pass is the loss (so DDP wrappers see a forward call)."""
         return self.loss(batch)
 
+    def options(self, options: Mapping[str, Any] | GenerationOptions | None = None
+                ) -> GenerationOptions:
+        """``Options`` from the class defaults, the loaded checkpoint's
+        :attr:`generation_defaults` and then ``options``."""
+        given = (options.as_dict() if isinstance(options, GenerationOptions)
+                 else dict(options or {}))
+        return self.Options.parse({**self.generation_defaults, **given},
+                                  owner=type(self).__name__)
+
     @torch.no_grad()
     def generate(self, features: torch.Tensor, **options: Any) -> list[str]:
+        """(B, D) features -> B captions; ``options`` are fields of the class's ``Options``
+        (an unknown one fails naming those it has). Eval mode inside, the mode restored."""
+        parsed = self.options(options)
+        if features.shape[0] == 0:
+            return []
+        with self.evaluating():
+            return self.generate_batch(features, parsed)
+
+    @torch.no_grad()
+    def generate_trajectory(self, features: torch.Tensor, **options: Any) -> list[list[str]]:
+        """Per image, the caption after every step (the last is :meth:`generate`'s); only for
+        a decoder whose ``capabilities.trajectory`` is set."""
+        if not self.capabilities.trajectory:
+            raise ValueError(f"{type(self).__name__} returns no trajectory "
+                             "(capabilities.trajectory is False)")
+        parsed = self.options(options)
+        if features.shape[0] == 0:
+            return []
+        with self.evaluating():
+            return self.generate_trajectory_batch(features, parsed)
+
+    def generate_batch(self, features: torch.Tensor, options: Any) -> list[str]:
+        """(B, D) features, B >= 1 -> B captions (no_grad and eval mode already set)."""
+        raise NotImplementedError
+
+    def generate_trajectory_batch(self, features: torch.Tensor, options: Any) -> list[list[str]]:
+        """(B, D) features -> per image the caption after every step (``capabilities.trajectory``)."""
         raise NotImplementedError
 
     def step_modules(self) -> list[nn.Module]:
         """The networks ``generate`` calls once per step or token: what ``dcap bench --compile``
         hands to ``torch.compile``. None by default (such a decoder is timed eager)."""
         return []
+
+    def save_extra(self, directory: str | Path) -> None:
+        """Write files the checkpoint needs beside its config and weights (default: none)."""
+
+    @classmethod
+    def checkpoint_overrides(cls, directory: str | Path) -> dict[str, Any]:
+        """Constructor arguments that replace the saved config's when loading from
+        ``directory`` (e.g. the tokenizer files :meth:`save_extra` wrote; default: none)."""
+        return {}
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -176,15 +304,11 @@ class CaptionDecoder(nn.Module, Registrable):
             self.train()
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from diffusion_captioner.checkpoint import save_decoder
-
         save_decoder(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> CaptionDecoder:
-        from diffusion_captioner.checkpoint import load_decoder
-
-        return load_decoder(directory, expected_base=cls, **overrides)
+        return load_decoder(directory, cls, **overrides)
 
     @property
     def device(self) -> torch.device:
@@ -341,8 +465,12 @@ def build(role: Role, cfg: dict[str, Any], **extra: Any) -> Any:
     if "type" not in cfg:
         raise ComponentError(f"{role} config {cfg} has no 'type' key naming the class")
     name = cfg.pop("type")
-    cls = resolve(role, name)
-    arguments = {**cfg, **extra}
+    return construct(resolve(role, name), role, name, {**cfg, **extra})
+
+
+def construct(cls: type, role: Role, name: str, arguments: dict[str, Any]) -> Any:
+    """``cls(**arguments)``; an argument its constructor does not take fails in one line
+    naming the ones it does (unless it takes ``**kwargs``)."""
     signature = inspect.signature(cls.__init__)
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     if not takes_kwargs:

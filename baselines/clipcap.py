@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,7 +35,7 @@ from transformers import (
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
 from diffusion_captioner.tokenization import decode_until_stop, load_tokenizer
-from registry import CaptionDecoder
+from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,24 @@ def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
 # --------------------------------------------------------------------------------------------
 # The decoder
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipCapOptions(GenerationOptions):
+    """ClipCap's generation options.
+
+    Attributes:
+        num_beams: 1 decodes greedily, K > 1 runs beam search with K beams.
+        max_length: most tokens written (default: the model's ``max_length``).
+        length_penalty: beam search ranks a hypothesis of n tokens by ``s / n ** penalty``.
+        fixed_tokens: greedy only: ignore the end token and write exactly N tokens in N LM
+            calls (what ``dcap bench --tokens N`` times: a random-weight model never ends).
+    """
+
+    num_beams: int = 1
+    max_length: int | None = None
+    length_penalty: float = 1.0
+    fixed_tokens: int | None = None
+
+
 @CaptionDecoder.register("clipcap")
 class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
     """ClipCap: CLIP prefix -> mapper -> GPT-2, autoregressive.
@@ -215,8 +234,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         max_length: most caption tokens (eos included) trained on and generated.
     """
 
-    step_sweep = ()
-    fixed_tokens_option = True
+    Options = ClipCapOptions
+    capabilities = Capabilities(kind="autoregressive", fixed_tokens_option="fixed_tokens")
     default_lm, offline_configs = "gpt2", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -235,20 +254,6 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         max_length: int = 40,
     ) -> None:
         super().__init__()
-        self._config: dict[str, Any] = {
-            "feature_dim": int(feature_dim),
-            "lm": str(lm),
-            "lm_pretrained": bool(lm_pretrained),
-            "lm_config": dict(lm_config) if lm_config is not None else None,
-            "tokenizer": tokenizer,
-            "prefix_length": int(prefix_length),
-            "clip_length": int(clip_length),
-            "mapper": mapper,
-            "mapper_layers": int(mapper_layers),
-            "finetune_lm": bool(finetune_lm),
-            "normalize_prefix": bool(normalize_prefix),
-            "max_length": int(max_length),
-        }
         if prefix_length < 1 or max_length < 1:
             raise ValueError("clipcap: prefix_length and max_length must be >= 1")
         self.prefix_length = int(prefix_length)
@@ -278,11 +283,6 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         if not self.finetune_lm:
             self.lm.requires_grad_(False)
             self.lm.eval()
-
-    # ---------------------------------------------------------------- config and checkpoints
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
 
     def train(self, mode: bool = True) -> ClipCapDecoder:
         """As ``nn.Module.train``; a frozen LM stays in eval mode (no dropout), as in ClipCap."""
@@ -466,28 +466,14 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         """(B, t) token ids -> captions: cut at the first eos, special tokens dropped, stripped."""
         return decode_until_stop(self.tokenizer, ids.tolist(), (self.eos_token_id,))
 
-    @torch.no_grad()
-    def generate(
-        self,
-        features: torch.Tensor,
-        num_beams: int = 1,
-        max_length: int | None = None,
-        length_penalty: float = 1.0,
-        fixed_tokens: int | None = None,
-        **_: Any,
-    ) -> list[str]:
-        """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached.
-
-        ``fixed_tokens=N`` (greedy only) ignores the end token and writes exactly N tokens in N
-        LM calls: what ``dcap bench --tokens N`` times, since a random-weight model never ends.
-        Deterministic: runs in eval mode (restored afterwards) without sampling. Options meant for
-        other decoders (e.g. ``steps``) are accepted and ignored.
-        """
-        max_new = self.max_length if max_length is None else int(max_length)
-        if fixed_tokens is not None:
-            if int(num_beams) > 1:
+    def generate_batch(self, features: torch.Tensor, options: ClipCapOptions) -> list[str]:
+        """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached;
+        deterministic (no sampling)."""
+        max_new = self.max_length if options.max_length is None else options.max_length
+        if options.fixed_tokens is not None:
+            if options.num_beams > 1:
                 raise ValueError("clipcap: fixed_tokens times greedy decoding; use num_beams=1")
-            max_new = int(fixed_tokens)
+            max_new = options.fixed_tokens
         positions = getattr(self.lm.config, "max_position_embeddings", None)
         if max_new < 1 or (positions is not None and self.prefix_length + max_new > positions):
             raise ValueError(
@@ -495,12 +481,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
                 if positions is not None
                 else f"clipcap: max_length {max_new} must be >= 1"
             )
-        if features.shape[0] == 0:
-            return []
-        with self.evaluating():
-            prefix = self.prefix_embeddings(features)  # (B, k, E)
-            if int(num_beams) <= 1:
-                ids = self._greedy(prefix, max_new, stop=fixed_tokens is None)  # (B, t)
-            else:
-                ids = self._beam_search(prefix, int(num_beams), max_new, float(length_penalty))
+        prefix = self.prefix_embeddings(features)  # (B, k, E)
+        if options.num_beams <= 1:
+            ids = self._greedy(prefix, max_new, stop=options.fixed_tokens is None)  # (B, t)
+        else:
+            ids = self._beam_search(prefix, options.num_beams, max_new, options.length_penalty)
         return self.decode(ids)

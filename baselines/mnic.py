@@ -30,6 +30,7 @@ parallel and the candidate with the highest mean log-probability ``1/L sum_i log
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from diffusion_captioner.tokenization import (
     read_tokenizer,
     with_special_tokens,
 )
-from registry import CaptionDecoder, ComponentError
+from registry import Capabilities, CaptionDecoder, ComponentError, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,20 @@ class FeatureProjection(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The decoder
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MNICOptions(GenerationOptions):
+    """MNIC's generation options.
+
+    Attributes:
+        steps: K, mask-predict passes.
+        length_beam: l, the most probable lengths decoded; per image the candidate with the
+            highest mean log-probability ``1/L sum_i log p_i`` is kept.
+    """
+
+    steps: int = 4
+    length_beam: int = 1
+
+
 @CaptionDecoder.register("mnic")
 class MNICDecoder(SavesLanguageModel, CaptionDecoder):
     """MNIC: image-conditioned BERT, masked non-autoregressive, mask-predict refinement.
@@ -214,7 +229,9 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         normalize_features: L2-normalise z before the projections and the length classifier.
     """
 
-    step_sweep = (1, 2, 4, 8)
+    Options = MNICOptions
+    capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
+                                step_sweep=(1, 2, 4, 8))
     default_lm, offline_configs = "bert-base-uncased", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -232,19 +249,6 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         normalize_features: bool = False,
     ) -> None:
         super().__init__()
-        self._config: dict[str, Any] = {
-            "feature_dim": int(feature_dim),
-            "lm": str(lm),
-            "lm_pretrained": bool(lm_pretrained),
-            "lm_config": dict(lm_config) if lm_config is not None else None,
-            "tokenizer": tokenizer,
-            "conditioning": conditioning,
-            "prefix_length": int(prefix_length),
-            "length_mode": length_mode,
-            "max_length": int(max_length),
-            "length_loss_weight": float(length_loss_weight),
-            "normalize_features": bool(normalize_features),
-        }
         if conditioning not in CONDITIONINGS:
             raise ValueError(
                 f"mnic: unknown conditioning {conditioning!r}; choose one of: "
@@ -292,11 +296,6 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
             if special not in kept and special < vocab:
                 allowed[special] = False
         self.register_buffer("allowed_tokens", allowed, persistent=False)
-
-    # ---------------------------------------------------------------- config and checkpoints
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
 
     # ---------------------------------------------------------------- pieces
     def step_modules(self) -> list[nn.Module]:
@@ -445,38 +444,26 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         return decode_until_stop(self.tokenizer, ids.tolist(),
                                  (self.end_token_id, self.pad_token_id))
 
-    @torch.no_grad()
-    def generate(
-        self,
-        features: torch.Tensor,
-        steps: int = 4,
-        length_beam: int = 1,
-        return_trajectory: bool = False,
-        **_: Any,
-    ) -> list[str] | list[list[str]]:
-        """(B, D) features -> B captions by K = ``steps`` mask-predict passes.
+    def generate_batch(self, features: torch.Tensor, options: MNICOptions) -> list[str]:
+        """(B, D) features -> B captions by K = ``steps`` mask-predict passes (argmax:
+        deterministic)."""
+        return self._passes(features, options)[-1]
 
-        ``length_beam=l`` decodes the l most probable lengths and keeps, per image, the candidate
-        with the highest mean log-probability ``1/L sum_i log p_i``. With
-        ``return_trajectory=True`` returns per image the K captions after each pass (the last is
-        the caption returned without it). Deterministic (argmax, eval mode restored afterwards);
-        options meant for other decoders (e.g. ``num_beams``) are accepted and ignored.
-        """
-        steps = int(steps)
-        if steps < 1:
-            raise ValueError(f"mnic: steps must be >= 1, got {steps}")
-        if features.shape[0] == 0:
-            return []
-        with self.evaluating():
-            batch = features.shape[0]
-            lengths = self.predict_lengths(features, length_beam)  # (B, l)
-            beam = lengths.shape[1]
-            expanded = features.to(self.device).repeat_interleave(beam, dim=0)  # (B*l, D)
-            history, scores, valid = self.mask_predict(expanded, lengths.reshape(-1), steps)
-            mean_logp = (scores * valid).sum(dim=1) / valid.sum(dim=1)  # (B*l,)
-            choice = mean_logp.view(batch, beam).argmax(dim=1)  # (B,)
-            rows = torch.arange(batch, device=self.device) * beam + choice  # (B,)
-            captions_per_pass = [self.decode(tokens[rows]) for tokens in history]  # K x B
-        if return_trajectory:
-            return [list(trajectory) for trajectory in zip(*captions_per_pass, strict=True)]
-        return captions_per_pass[-1]
+    def generate_trajectory_batch(self, features: torch.Tensor,
+                                  options: MNICOptions) -> list[list[str]]:
+        """Per image the K captions after each pass (the last is :meth:`generate_batch`'s)."""
+        return [list(captions) for captions in zip(*self._passes(features, options), strict=True)]
+
+    def _passes(self, features: torch.Tensor, options: MNICOptions) -> list[list[str]]:
+        """The captions after each of the K passes, K x B, of the best length candidate."""
+        if options.steps < 1:
+            raise ValueError(f"mnic: steps must be >= 1, got {options.steps}")
+        batch = features.shape[0]
+        lengths = self.predict_lengths(features, options.length_beam)  # (B, l)
+        beam = lengths.shape[1]
+        expanded = features.to(self.device).repeat_interleave(beam, dim=0)  # (B*l, D)
+        history, scores, valid = self.mask_predict(expanded, lengths.reshape(-1), options.steps)
+        mean_logp = (scores * valid).sum(dim=1) / valid.sum(dim=1)  # (B*l,)
+        choice = mean_logp.view(batch, beam).argmax(dim=1)  # (B,)
+        rows = torch.arange(batch, device=self.device) * beam + choice  # (B,)
+        return [self.decode(tokens[rows]) for tokens in history]  # K x B

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from registry import CaptionDecoder
+from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,13 @@ def consensus(candidates: list[str]) -> str:
     return candidates[max(range(len(candidates)), key=scores.__getitem__)]
 
 
+@dataclass(frozen=True)
+class NearestOptions(GenerationOptions):
+    """``k``: how many nearest training images give candidates (default: the model's)."""
+
+    k: int | None = None
+
+
 @CaptionDecoder.register("nearest")
 class NearestDecoder(CaptionDecoder):
     """Nearest-neighbour retrieval (Devlin et al. 2015): the consensus caption of the k nearest
@@ -61,6 +69,9 @@ class NearestDecoder(CaptionDecoder):
         k: how many nearest training images give candidate captions.
         memory: a checkpoint's memory file (set when a checkpoint is loaded).
     """
+
+    Options = NearestOptions
+    capabilities = Capabilities(kind="retrieval")
 
     def __init__(self, feature_dim: int, k: int = 1, memory: str | None = None) -> None:
         super().__init__()
@@ -78,10 +89,6 @@ class NearestDecoder(CaptionDecoder):
             for row, texts in zip(features, captions, strict=True):
                 for text in texts:
                     self._remember(row, text)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "k": self.k, "memory": self.memory}
 
     def _remember(self, feature: torch.Tensor, caption: str) -> None:
         unit = F.normalize(feature.detach().float().cpu(), dim=-1)  # (D,)
@@ -102,16 +109,16 @@ class NearestDecoder(CaptionDecoder):
                 self._remember(feature, caption)
         return {"loss": self.anchor * 0.0, "memorised_images": torch.tensor(float(len(self.rows)))}
 
-    @torch.no_grad()
-    def generate(self, features: torch.Tensor, k: int | None = None) -> list[str]:
+    def generate_batch(self, features: torch.Tensor, options: NearestOptions) -> list[str]:
         """(B, D) features -> B captions: the consensus caption of the k nearest memorised
         images (cosine similarity)."""
+        k = self.k if options.k is None else options.k
         if not self.rows:  # untrained: nothing to retrieve
             logger.warning("nearest: nothing memorised (train it for one epoch): empty captions")
             return [""] * len(features)
         table = torch.stack(self.rows)  # (N, D)
         query = F.normalize(features.float().cpu(), dim=-1)  # (B, D)
-        nearest = (query @ table.T).topk(min(int(k or self.k), len(self.rows)), dim=-1).indices
+        nearest = (query @ table.T).topk(min(k, len(self.rows)), dim=-1).indices
         return [consensus([c for i in row.tolist() for c in self.captions[i]]) for row in nearest]
 
     def save_extra(self, directory: str | Path) -> None:

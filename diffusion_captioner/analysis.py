@@ -3,7 +3,6 @@ statistics, side-by-side speed, and example captions (with the iterative decoder
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -34,10 +33,6 @@ BENCH_BATCHES = (1, 4, 16, 64)
 BENCH_IMAGES = 16
 
 
-def supports_trajectory(decoder: CaptionDecoder) -> bool:
-    return "return_trajectory" in inspect.signature(decoder.generate).parameters
-
-
 def significance(run: Path, names: list[str], resamples: int = 2000) -> dict[str, dict[str, Any]]:
     """Paired bootstrap of every decoder against the first on per-image CIDEr and BLEU-4."""
     if len(names) < 2:
@@ -56,14 +51,18 @@ def significance(run: Path, names: list[str], resamples: int = 2000) -> dict[str
     return out
 
 
-def speed_options(decoder: CaptionDecoder, default: dict[str, Any],
+def sweep_options(decoder: CaptionDecoder, default: dict[str, Any],
                   steps: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """The default generate options, then one per step count of an iterative decoder's sweep
-    (``steps`` replaces the sweep; a decoder without one is timed at its default only)."""
-    sweep = type(decoder).step_sweep
-    if steps is not None and sweep:
-        sweep = steps
-    return [dict(default), *({**default, "steps": k} for k in sweep if k != default.get("steps"))]
+    """The default generate options, then one per step count of the decoder's declared sweep
+    (``capabilities.step_sweep`` over its ``step_option``; ``steps`` replaces the sweep); a
+    decoder without a step option runs at its default only. Used by the report and the bench."""
+    capabilities = decoder.capabilities
+    option = capabilities.step_option
+    if option is None:
+        return [dict(default)]
+    sweep = capabilities.step_sweep if steps is None else steps
+    current = getattr(decoder.options(default), option)
+    return [dict(default), *({**default, option: k} for k in sweep if k != current)]
 
 
 def test_features(config: dict[str, Any], encoder) -> SplitFeatures:
@@ -112,10 +111,10 @@ def bench_decoders(decoders: dict[str, CaptionDecoder], generate_options: dict[s
                 logger.warning("%s names no step modules: timed without torch.compile", name)
         logger.info("timing %s", name)
         rows[name] = benchmark_decoder(
-            decoder, features, speed_options(decoder, generate_options.get(name, {}), steps),
+            decoder, features, sweep_options(decoder, generate_options.get(name, {}), steps),
             batch_sizes=batch_sizes, repeats=repeats, images=images, warmup=warmup,
             deadline=deadline)
-        planned = len(speed_options(decoder, generate_options.get(name, {}), steps)) * len(
+        planned = len(sweep_options(decoder, generate_options.get(name, {}), steps)) * len(
             batch_sizes)
         if len(rows[name]) < planned:
             cut.append(name)
@@ -190,10 +189,10 @@ def examples(run: Path, dataset, test: SplitFeatures, names: list[str], decoders
                  "trajectories": {}}
         if position == 0:
             for name, decoder in decoders.items():
-                if supports_trajectory(decoder):
+                if decoder.capabilities.trajectory:
                     feature = test.features[row:row + 1].to(decoder.device)  # (1, D)
-                    trajectory = decoder.generate(feature, return_trajectory=True,
-                                                  **generate_options.get(name, {}))
+                    trajectory = decoder.generate_trajectory(feature,
+                                                             **generate_options.get(name, {}))
                     entry["trajectories"][name] = list(trajectory[0])
         out.append(entry)
     return out

@@ -11,7 +11,7 @@ Nothing is downloaded. A tokenizer that is neither local nor cached is replaced 
 word-level tokenizer with the architecture's vocabulary size (30522 for DistilBERT/BERT, 50257
 for GPT-2), so the LM heads cost what they would. A random model never writes its end token, so
 an autoregressive decoder is timed at a fixed number of tokens (``tokens``: ``fixed_tokens`` in
-its generate options, for the decoders that declare ``fixed_tokens_option``).
+its generate options, for the decoders whose capabilities name a ``fixed_tokens_option``).
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def bench_preset(
             torch.manual_seed(0)
             logger.info("building %s at the preset's size with random weights", name)
             built[name] = build("decoder", config, feature_dim=dim).to(device).eval()
-            fixed = tokens and type(built[name]).fixed_tokens_option
-            options[name] = {**entry["generate"], **({"fixed_tokens": int(tokens)} if fixed else {})}
+            fixed = built[name].capabilities.fixed_tokens_option if tokens else None
+            options[name] = {**entry["generate"], **({fixed: int(tokens)} if fixed else {})}
         features = torch.randn(images, dim, generator=torch.Generator().manual_seed(0))  # (n, D)
         result = bench_decoders(built, options, features, device, repeats=repeats,
                                 batch_sizes=tuple(batch_sizes), images=images,

@@ -4,15 +4,22 @@ Layout of a checkpoint directory::
 
     config.json          {"type": <registered name>, **decoder.config}
     model.safetensors    the state dict (tied/shared tensors stored once)
+    generation.json      the decoder's ``generation_defaults``, when it has any
     ...                  whatever ``decoder.save_extra(directory)`` writes (tokenizer/, lm/, ...)
 
-Two optional hooks let a decoder take part without this module knowing it:
+Three hooks of the decoder base class (no-ops there) let a decoder take part without this module
+knowing it:
 
 * ``decoder.save_extra(directory)`` writes extra files (tokenizer files, a wrapped LM's config);
 * ``cls.checkpoint_overrides(directory) -> dict`` returns constructor arguments that replace the
   saved config's on load, so a decoder whose config names a hub model (``"gpt2"``) is rebuilt
   from the files in the checkpoint: no network, no pretrained download, weights from the
-  safetensors file.
+  safetensors file;
+* ``cls.upgrade_config(saved) -> (arguments, generation defaults)`` maps an older checkpoint's
+  config to today's constructor arguments.
+
+This module imports nothing of the registry: the base class it is handed resolves names
+(``class_for``) and builds (``from_config``).
 
 Saving is atomic: everything is written into a temporary sibling directory that then replaces the
 target, so a crash never leaves a half-written checkpoint behind.
@@ -20,40 +27,42 @@ target, so a crash never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-import registry
-from registry import CaptionDecoder, ComponentError
+from diffusion_captioner.errors import ComponentError
+
+if TYPE_CHECKING:
+    from registry import CaptionDecoder
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+GENERATION_NAME = "generation.json"
 
 
 def save_decoder(decoder: CaptionDecoder, directory: str | Path) -> Path:
     """Write ``decoder`` to ``directory`` (replacing any previous checkpoint there, atomically)."""
     target = Path(directory).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    config = {"type": registry.registered_name(type(decoder)), **decoder.config}
+    config = {"type": type(decoder).registered_name(), **decoder.config}
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         staging.chmod(_default_dir_mode())  # mkdtemp makes it 0700; a checkpoint is shared
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_model(decoder, str(staging / WEIGHTS_NAME), force_contiguous=True)
-        save_extra = getattr(decoder, "save_extra", None)
-        if callable(save_extra):
-            save_extra(staging)
+        if decoder.generation_defaults:
+            (staging / GENERATION_NAME).write_text(json.dumps(decoder.generation_defaults) + "\n")
+        decoder.save_extra(staging)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -102,26 +111,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def _resolve_decoder(name: str) -> type:
-    """An already registered decoder directly (no built-in imports); otherwise the full lookup."""
-    if CaptionDecoder.is_registered(name):
-        return CaptionDecoder.by_name(name)
-    return registry.resolve("decoder", name)
-
-
-def _build(cls: type, name: str, arguments: dict[str, Any]) -> CaptionDecoder:
-    """``cls(**arguments)``; an argument the constructor does not take fails with those it does."""
-    signature = inspect.signature(cls.__init__)
-    parameters = [p for p in signature.parameters if p != "self"]
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    unknown = sorted(set(arguments) - set(parameters))
-    if unknown and not takes_kwargs:
-        raise ComponentError(
-            f"decoder {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(parameters)}"
-        )
-    return cls(**arguments)
-
-
 def _one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     text = text or type(error).__name__
@@ -135,27 +124,31 @@ def _summarise(keys: list[str], limit: int = 4) -> str:
 
 def load_decoder(
     directory: str | Path,
-    expected_base: type = CaptionDecoder,
+    expected_base: type[CaptionDecoder],
     map_location: str | Any = "cpu",
     **overrides: Any,
 ) -> CaptionDecoder:
-    """Rebuild the decoder saved in ``directory`` and load its weights strictly.
+    """Rebuild the decoder saved in ``directory`` (a subclass of ``expected_base``) and load its
+    weights strictly.
 
-    Constructor arguments are, later ones winning: the saved config, the class's
-    ``checkpoint_overrides(directory)`` and the caller's ``overrides``. The decoder is returned
-    in eval mode on ``map_location``.
+    Constructor arguments are, later ones winning: the saved config (through the class's
+    ``upgrade_config``), the class's ``checkpoint_overrides(directory)`` and the caller's
+    ``overrides``. The decoder is returned in eval mode on ``map_location``, with the generation
+    defaults an older config carried as its ``generation_defaults``.
     """
     path = Path(directory).expanduser()
     config = read_config(path)
     name = config.pop("type")
-    cls = _resolve_decoder(name)
-    if not issubclass(cls, expected_base):
-        raise ComponentError(
-            f"{path} holds a {name!r} decoder ({cls.__name__}), not a {expected_base.__name__}"
-        )
-    hook = getattr(cls, "checkpoint_overrides", None)
-    hook_overrides = hook(path) if callable(hook) else {}
-    decoder = _build(cls, name, {**config, **hook_overrides, **overrides})
+    try:
+        cls = expected_base.class_for(name)
+    except ComponentError as error:
+        raise ComponentError(f"{path}: {error}") from error
+    arguments, generation_defaults = cls.upgrade_config(config)
+    decoder = cls.from_config({**arguments, **cls.checkpoint_overrides(path), **overrides})
+    saved_defaults = path / GENERATION_NAME
+    if saved_defaults.is_file():
+        generation_defaults = {**generation_defaults, **json.loads(saved_defaults.read_text())}
+    decoder.generation_defaults = dict(generation_defaults)
 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

@@ -106,8 +106,8 @@ def speed_options(block: dict[str, Any] | bool | None, repeats: int) -> dict[str
 
 
 def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json") -> None:
-    """Resuming must not mix settings: ``folder/plan.json`` records the decoder, train and
-    generate settings of the first run into ``folder`` (``inputs.json`` in the run folder: its
+    """Resuming must not mix settings: ``folder/plan.json`` records the decoder and train
+    settings of the first run into ``folder`` (``inputs.json`` in the run folder: its
     dataset and encoder, configs and fingerprints); a rerun with different ones fails in one
     line naming the changed keys (a new ``--out`` starts afresh)."""
     path = folder / record
@@ -128,12 +128,18 @@ def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json
 
 def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
                 clip_prompt: str = "", progress: bool = True) -> dict[str, Any]:
-    """Train, generate and score one decoder into ``out/<name>``; returns its summary."""
+    """Train, generate and score one decoder into ``out/<name>``; returns its summary.
+
+    Only the decoder and train settings bind a folder (``plan.json``): other generation options
+    than the summary's reuse the trained checkpoint and score it again."""
     folder = out / name
-    check_same_plan(folder, plan)
+    check_same_plan(folder, {"decoder": plan["decoder"], "train": plan["train"]})
     if (folder / "summary.json").is_file():
-        logger.info("%s: already trained and scored (%s)", name, folder / "summary.json")
-        return json.loads((folder / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary.get("generate") == plan["generate"]:
+            logger.info("%s: already trained and scored (%s)", name, folder / "summary.json")
+            return summary
+        logger.info("%s: generation options changed: scoring the trained checkpoint again", name)
     folder.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig.from_dict(plan["train"])
     train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
@@ -146,10 +152,10 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
     best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
 
     references = {r.image_id: list(r.captions) for r in test.records}
-    default = dict(plan["generate"])
+    default, *sweep = analysis.sweep_options(best, plan["generate"])
+    step_option = best.capabilities.step_option
     evaluations = [("default", default, ALL_METRICS)] + [
-        (str(k), {**default, "steps": k}, SWEEP_METRICS)
-        for k in type(best).step_sweep if k != default.get("steps")]
+        (str(options[step_option]), options, SWEEP_METRICS) for options in sweep]
     runs: dict[str, Any] = {}
     default_results: dict[int, str] = {}
     for key, options, metric_names in evaluations:
@@ -229,7 +235,7 @@ def compare(
     classes = {name: resolve("decoder", p["decoder"]["type"]) for name, p in plans.items()}
     for name, p in plans.items():  # a configuration that cannot work fails before any work
         classes[name].check_config(p["decoder"])
-        classes[name].check_generate_options(p["generate"])
+        classes[name].check_generate_options(p["generate"], p["decoder"])
     speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named

@@ -19,14 +19,16 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate_captions(decoder: CaptionDecoder, features: torch.Tensor, batch_size: int = 100,
-                      **options: Any) -> tuple[list[str], float]:
-    """Captions for (N, D) ``features`` in batches; returns them and the seconds it took."""
+                      trajectory: bool = False, **options: Any) -> tuple[list[Any], float]:
+    """Captions for (N, D) ``features`` in batches (with ``trajectory``, per image the caption
+    after every step: ``decoder.generate_trajectory``); returns them and the seconds it took."""
     decoder.eval()
+    generate = decoder.generate_trajectory if trajectory else decoder.generate
     started = time.perf_counter()
-    captions: list[str] = []
+    captions: list[Any] = []
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size].to(decoder.device)  # (b, D)
-        captions.extend(decoder.generate(chunk, **options))
+        captions.extend(generate(chunk, **options))
     return captions, time.perf_counter() - started
 
 

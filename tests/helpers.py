@@ -135,10 +135,19 @@ def tiny_diffusion_config(feature_dim: int, tokenizer_dir: str | Path, **overrid
         "self_conditioning": True,
         "text_condition": True,
         "diffusion_steps": 100,
-        "steps": 3,
     }
     config.update(overrides)
     return config
+
+
+def build_with_generation_defaults(decoder_class: type, config: dict) -> Any:
+    """``decoder_class`` built from ``config``, whose generation keys (the diffusion decoder's
+    steps, sampler, clamp, guidance) become the decoder's ``generation_defaults``, as an
+    older checkpoint's do (``upgrade_config``)."""
+    arguments, defaults = decoder_class.upgrade_config(config)
+    decoder = decoder_class(**arguments)
+    decoder.generation_defaults = dict(defaults)
+    return decoder
 
 
 #: decoder name -> (feature_dim, tmp_path) -> constructor arguments of a tiny instance.

@@ -109,11 +109,11 @@ def test_checkpoint_of_a_pretrained_local_lm_loads_without_it(tmp_path: Path) ->
 
 def test_overrides_and_map_location(tmp_path: Path) -> None:
     make(tmp_path).save_pretrained(tmp_path / "ckpt")
-    loaded = load_decoder(tmp_path / "ckpt", map_location="cpu", max_length=6)
+    loaded = load_decoder(tmp_path / "ckpt", CaptionDecoder, map_location="cpu", max_length=6)
     assert loaded.config["max_length"] == 6 and loaded.device == torch.device("cpu")
     assert all(len(c.split()) <= 6 for c in loaded.generate(features()))
     with pytest.raises(ComponentError) as error:
-        load_decoder(tmp_path / "ckpt", beams=3)
+        load_decoder(tmp_path / "ckpt", CaptionDecoder, beams=3)
     assert_one_line(error, "'clipcap' does not take beams", "feature_dim")
 
 
@@ -174,7 +174,7 @@ def test_failed_swap_restores_the_previous_checkpoint(
 # ------------------------------------------------------------------------------ errors
 def test_missing_directory_and_config_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ComponentError) as error:
-        load_decoder(tmp_path / "nowhere")
+        load_decoder(tmp_path / "nowhere", CaptionDecoder)
     assert_one_line(error, str(tmp_path / "nowhere"), "does not exist")
 
     (tmp_path / "empty").mkdir()
@@ -185,13 +185,13 @@ def test_missing_directory_and_config_are_one_line_errors(tmp_path: Path) -> Non
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     with pytest.raises(ComponentError) as error:
-        load_decoder(tmp_path / "bad")
+        load_decoder(tmp_path / "bad", CaptionDecoder)
     assert_one_line(error, "config.json is not valid JSON")
 
     (tmp_path / "untyped").mkdir()
     (tmp_path / "untyped" / "config.json").write_text('{"feature_dim": 3}')
     with pytest.raises(ComponentError) as error:
-        load_decoder(tmp_path / "untyped")
+        load_decoder(tmp_path / "untyped", CaptionDecoder)
     assert_one_line(error, "no 'type' key")
 
 
@@ -199,16 +199,16 @@ def test_missing_or_mismatched_weights_are_one_line_errors(tmp_path: Path) -> No
     target = tmp_path / "ckpt"
     make(tmp_path).save_pretrained(target)
     with pytest.raises(ComponentError) as error:  # shapes differ: prefix 4 -> 6
-        load_decoder(target, prefix_length=6)
+        load_decoder(target, CaptionDecoder, prefix_length=6)
     assert_one_line(error, str(target / "model.safetensors"), "do not fit", "mapper")
 
     with pytest.raises(ComponentError) as error:  # keys differ: mlp weights, transformer model
-        load_decoder(target, mapper="transformer")
+        load_decoder(target, CaptionDecoder, mapper="transformer")
     assert_one_line(error, "do not match", "missing mapper.", "unexpected mapper.net")
 
     (target / "model.safetensors").unlink()
     with pytest.raises(ComponentError) as error:
-        load_decoder(target)
+        load_decoder(target, CaptionDecoder)
     assert_one_line(error, str(target), "model.safetensors is missing")
 
 
@@ -219,7 +219,7 @@ def test_wrong_role_subclass_is_refused(tmp_path: Path) -> None:
     make(tmp_path).save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ComponentError) as error:
         OtherDecoder.from_pretrained(tmp_path / "ckpt")
-    assert_one_line(error, "holds a 'clipcap' decoder (ClipCapDecoder), not a OtherDecoder")
+    assert_one_line(error, "decoder 'clipcap' (ClipCapDecoder) is not a OtherDecoder")
 
 
 # ------------------------------------------------------------------------------ generic path
@@ -245,7 +245,7 @@ def test_decoder_without_hooks_and_with_shared_weights(tmp_path: Path, clean_reg
     assert json.loads((tmp_path / "tied" / "config.json").read_text()) == {
         "type": "test-tied", "feature_dim": FEATURE_DIM, "width": 3,
     }  # fmt: skip
-    loaded = checkpoint.load_decoder(tmp_path / "tied")
+    loaded = checkpoint.load_decoder(tmp_path / "tied", CaptionDecoder)
     assert isinstance(loaded, TiedDecoder)
     assert_same_state(decoder, loaded)
     assert loaded.tied.weight is loaded.encode.weight

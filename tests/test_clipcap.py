@@ -127,7 +127,9 @@ def test_registered_and_config_rebuilds(tokenizer_dir: Path) -> None:
     assert CaptionDecoder.by_name("clipcap") is ClipCapDecoder
     assert registered_name(ClipCapDecoder) == "clipcap"
     assert describe(ClipCapDecoder) == "ClipCap: CLIP prefix -> mapper -> GPT-2, autoregressive."
-    assert ClipCapDecoder.step_sweep == ()
+    assert ClipCapDecoder.capabilities.step_sweep == ()
+    assert ClipCapDecoder.capabilities.kind == "autoregressive"
+    assert ClipCapDecoder.capabilities.fixed_tokens_option == "fixed_tokens"
     rebuilt = ClipCapDecoder(**decoder.config)
     assert rebuilt.config == decoder.config
     assert set(decoder.config) == {
@@ -229,12 +231,15 @@ def test_beam_search_valid_and_one_beam_is_greedy(tokenizer_dir: Path) -> None:
         torch.testing.assert_close(one_beam, decoder._greedy(prefix, 8))
 
 
-def test_generate_is_deterministic_restores_mode_and_ignores_options(tokenizer_dir: Path) -> None:
+def test_generate_is_deterministic_restores_mode_and_refuses_others_options(
+        tokenizer_dir: Path) -> None:
     decoder = make(tokenizer_dir, lm_config={**TINY_LM_CONFIG, "resid_pdrop": 0.5})
     decoder.train()
     feats = features(3)
-    first = decoder.generate(feats, steps=10, schedule="cosine")  # options of other decoders
+    first = decoder.generate(feats)
     assert decoder.training  # mode restored
+    with pytest.raises(ValueError, match="no generation option schedule, steps; it takes: num_beams"):
+        decoder.generate(feats, steps=10, schedule="cosine")  # options of other decoders
     assert decoder.generate(feats) == first
     assert decoder.generate(feats, num_beams=3) == decoder.generate(feats, num_beams=3)
     assert decoder.generate(features(0)) == []

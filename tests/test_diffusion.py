@@ -11,7 +11,13 @@ import math
 import helpers  # noqa: F401 - sets HF_HUB_OFFLINE before transformers is imported
 import pytest
 import torch
-from helpers import CAPTIONS, block_network, tiny_diffusion_config, tiny_word_tokenizer_dir
+from helpers import (
+    CAPTIONS,
+    block_network,
+    build_with_generation_defaults,
+    tiny_diffusion_config,
+    tiny_word_tokenizer_dir,
+)
 
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, clamp_to_vocabulary
 
@@ -22,8 +28,9 @@ def build_tiny(tmp_path, **overrides):
     from diffusion_captioner.diffusion.decoder import DiffusionDecoder
 
     torch.manual_seed(0)
-    config = tiny_diffusion_config(FEATURE_DIM, tiny_word_tokenizer_dir(tmp_path), **overrides)
-    return DiffusionDecoder(**config)
+    config = tiny_diffusion_config(FEATURE_DIM, tiny_word_tokenizer_dir(tmp_path),
+                                   **{"steps": 3, **overrides})
+    return build_with_generation_defaults(DiffusionDecoder, config)
 
 
 def fixed_batch(with_text: bool = True) -> dict:
@@ -216,7 +223,7 @@ def test_length_head_fixes_the_caption_length(tmp_path, sampler):
     features = torch.randn(5, FEATURE_DIM)
     lengths = decoder.length_head(decoder._features(features)).argmax(-1)
     captions = decoder.generate(features, steps=3)
-    trajectory = decoder.generate(features, steps=3, return_trajectory=True)
+    trajectory = decoder.generate_trajectory(features, steps=3)
     for caption, steps, n in zip(captions, trajectory, lengths.tolist(), strict=True):
         assert len(caption.split()) <= n  # cut at the committed end token (or an earlier stop)
         assert steps[-1] == caption and len(steps) == 3
@@ -255,8 +262,7 @@ def test_every_trainable_parameter_gets_a_gradient_every_step(tmp_path, seed):
 def test_more_steps_than_timesteps_runs_t_steps_with_a_warning(tmp_path, caplog):
     decoder = build_tiny(tmp_path, diffusion_steps=4)
     with caplog.at_level("WARNING"):
-        trajectory = decoder.generate(fixed_batch()["features"][:1], steps=9,
-                                      return_trajectory=True)
+        trajectory = decoder.generate_trajectory(fixed_batch()["features"][:1], steps=9)
     assert len(trajectory[0]) == 4 and "running 4" in caplog.text
 
 
@@ -313,11 +319,15 @@ def test_generate_shapes_counts_and_determinism(memorised):
     assert len(first) == 6 and all(isinstance(c, str) for c in first)
     assert decoder.generate(features, steps=3, seed=7) == first
     for options in ({"sampler": "renoise"}, {"sampler": "renoise", "clamp": True},
-                    {"sampler": "refine"}, {"guidance": 0.3}, {"num_beams": 3}):
+                    {"sampler": "refine"}, {"guidance": 0.3}):
         again = decoder.generate(features, steps=2, seed=3, **options)
         assert again == decoder.generate(features, steps=2, seed=3, **options)
         assert len(again) == 6
     assert decoder.generate(features[:0]) == []
+    with pytest.raises(ValueError, match="no generation option num_beams; it takes: steps"):
+        decoder.generate(features, num_beams=3)  # clipcap's option: refused, not ignored
+    with pytest.raises(ValueError, match="steps must be int"):
+        decoder.generate(features, steps="3")
     with pytest.raises(ValueError, match="ddim"):
         decoder.generate(features, sampler="euler")
     with pytest.raises(ValueError, match="time_embedding=False"):  # no label fits an estimate
@@ -332,8 +342,7 @@ def test_trajectory_has_k_entries_ending_in_the_caption(memorised, steps, sample
     decoder, _ = memorised
     features = torch.randn(3, FEATURE_DIM)
     captions = decoder.generate(features, steps=steps, seed=5, sampler=sampler)
-    trajectory = decoder.generate(features, steps=steps, seed=5, sampler=sampler,
-                                  return_trajectory=True)
+    trajectory = decoder.generate_trajectory(features, steps=steps, seed=5, sampler=sampler)
     assert len(trajectory) == 3
     for per_image, caption in zip(trajectory, captions, strict=True):
         assert len(per_image) == steps
@@ -364,7 +373,9 @@ def test_registration_and_step_sweep():
     from diffusion_captioner.diffusion.decoder import DiffusionDecoder
 
     assert registry.resolve("decoder", "diffusion") is DiffusionDecoder
-    assert DiffusionDecoder.step_sweep == (1, 2, 5, 10, 20)
+    assert DiffusionDecoder.capabilities.step_sweep == (1, 2, 5, 10, 20)
+    assert DiffusionDecoder.capabilities.step_option == "steps"
+    assert DiffusionDecoder.capabilities.kind == "iterative"
     assert DiffusionDecoder.needs_text_features
     assert "diffusion" in registry.describe(DiffusionDecoder).lower()
 

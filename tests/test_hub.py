@@ -81,7 +81,7 @@ def test_local_directory_loads_like_a_hub_name_with_the_network_blocked(tmp_path
     saved = load_file(str(folder / "model.safetensors"))
     assert torch.equal(decoder.lm.transformer.h[0].attn.c_attn.weight,
                        saved["transformer.h.0.attn.c_attn.weight"])
-    assert len(decoder.generate(torch.randn(2, 8), max_new_tokens=3)) == 2
+    assert len(decoder.generate(torch.randn(2, 8), max_length=3)) == 2
 
 
 def test_cached_hub_name_loads_offline_when_the_hub_is_unreachable(tmp_path, monkeypatch,

@@ -68,7 +68,8 @@ def test_registered_and_config_rebuilds(tokenizer_dir: Path) -> None:
     assert CaptionDecoder.by_name("mnic") is MNICDecoder
     assert registered_name(MNICDecoder) == "mnic"
     assert describe(MNICDecoder).startswith("MNIC: ")
-    assert MNICDecoder.step_sweep == (1, 2, 4, 8)
+    assert MNICDecoder.capabilities.step_sweep == (1, 2, 4, 8)
+    assert MNICDecoder.capabilities.trajectory and MNICDecoder.capabilities.kind == "iterative"
     assert MNICDecoder(**decoder.config).config == decoder.config
     assert set(decoder.config) == {
         "feature_dim", "lm", "lm_pretrained", "lm_config", "tokenizer", "conditioning",
@@ -226,10 +227,12 @@ def test_mask_predict_remasks_the_scheduled_count(
     assert (history[-1][valid] != decoder.mask_token_id).all()  # nothing left masked
 
 
-def test_generate_is_deterministic_and_ignores_unknown_options(tokenizer_dir: Path) -> None:
+def test_generate_is_deterministic_and_refuses_unknown_options(tokenizer_dir: Path) -> None:
     first, second = make(tokenizer_dir, seed=5), make(tokenizer_dir, seed=5)
     feats = features(6, seed=2)
-    captions = first.generate(feats, steps=3, num_beams=4)  # num_beams is clipcap's option
+    with pytest.raises(ValueError, match="no generation option num_beams; it takes: steps"):
+        first.generate(feats, steps=3, num_beams=4)  # num_beams is clipcap's option
+    captions = first.generate(feats, steps=3)
     assert len(captions) == 6 and all(isinstance(c, str) for c in captions)
     assert first.generate(feats, steps=3) == captions == second.generate(feats, steps=3)
     assert first.generate(feats[:0]) == []
@@ -253,7 +256,7 @@ def test_trajectory_has_k_entries_ending_in_the_caption(tokenizer_dir: Path, ste
     feats = features()
     for beam in (1, 2):
         captions = decoder.generate(feats, steps=steps, length_beam=beam)
-        trajectory = decoder.generate(feats, steps=steps, length_beam=beam, return_trajectory=True)
+        trajectory = decoder.generate_trajectory(feats, steps=steps, length_beam=beam)
         assert len(trajectory) == len(captions)
         assert all(len(entries) == steps for entries in trajectory)
         assert [entries[-1] for entries in trajectory] == captions

@@ -13,7 +13,13 @@ import helpers  # noqa: F401 - sets HF_HUB_OFFLINE before transformers is import
 import jsonlines
 import pytest
 import torch
-from helpers import CAPTIONS, WORDS, tiny_diffusion_config, tiny_word_tokenizer_dir
+from helpers import (
+    CAPTIONS,
+    WORDS,
+    build_with_generation_defaults,
+    tiny_diffusion_config,
+    tiny_word_tokenizer_dir,
+)
 
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
@@ -26,8 +32,9 @@ def build(tmp_path, **overrides):
     from diffusion_captioner.diffusion.decoder import DiffusionDecoder
 
     torch.manual_seed(0)
-    return DiffusionDecoder(**tiny_diffusion_config(FEATURE_DIM, tiny_word_tokenizer_dir(tmp_path),
-                                                    **overrides))
+    config = tiny_diffusion_config(FEATURE_DIM, tiny_word_tokenizer_dir(tmp_path),
+                                   **{"steps": 3, **overrides})
+    return build_with_generation_defaults(DiffusionDecoder, config)
 
 
 def batch(n: int = len(CAPTIONS)) -> dict:
@@ -112,15 +119,19 @@ def test_samplers_whose_inputs_training_never_shows_are_refused(tmp_path, caplog
                      ({"sampler": "ddim", "temperature": 0.0}, "temperature 1"),
                      ({"sampler": "refine", "mixed_noise": 0.0, "refine_noise": 0.0},
                       "mixed_noise or refine_noise")):
+        sampler, config = bad["sampler"], {k: v for k, v in bad.items() if k != "sampler"}
         with pytest.raises(ValueError, match=why):  # at plan time, before any training
-            DiffusionDecoder.check_config({"type": "diffusion", **bad})
+            DiffusionDecoder.check_generate_options({"sampler": sampler},
+                                                    {"type": "diffusion", **config})
         caplog.clear()
-        with caplog.at_level("WARNING"):  # a checkpoint trained before the check still loads
-            decoder = build(tmp_path, **bad)
+        legacy = build(tmp_path, **bad)  # a checkpoint trained before the check, its sampler
+        with caplog.at_level("WARNING"):  # saved with it: it loads and generates, and says so
+            assert len(legacy.generate(torch.randn(1, FEATURE_DIM))) == 1
         assert why in caplog.text
-        with pytest.raises(ValueError, match=why):  # asked for explicitly: refused
-            decoder.generate(torch.randn(1, FEATURE_DIM), sampler=bad["sampler"])
-    DiffusionDecoder.check_config({"type": "diffusion"})  # the defaults are consistent
+        fresh = build(tmp_path, **config)
+        with pytest.raises(ValueError, match=why):  # asked for: refused
+            fresh.generate(torch.randn(1, FEATURE_DIM), sampler=sampler)
+    DiffusionDecoder.check_generate_options({}, {"type": "diffusion"})  # consistent defaults
     stale = build(tmp_path, sampler="refine", mixed_noise=0.5, temperature=0.0)
     assert len(stale.generate(torch.randn(1, FEATURE_DIM), sampler="ddim", temperature=1.0)) == 1
     # the original: no timestep input, so the fed-back estimate carries no label to contradict

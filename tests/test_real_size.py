@@ -261,17 +261,12 @@ def test_the_last_step_is_logged_and_short_curves_show(tmp_path):
 
 def test_a_time_budget_stops_the_speed_phase_early():
     from diffusion_captioner.analysis import bench_decoders
+    from registry import CaptionDecoder
 
-    class Slow(torch.nn.Module):
-        step_sweep = ()
-
-        def generate(self, features, **_):
+    class Slow(CaptionDecoder):
+        def generate_batch(self, features, options):
             time.sleep(0.02)
             return ["a"] * len(features)
-
-        @property
-        def device(self):
-            return torch.device("cpu")
 
     speed = bench_decoders({"slow": Slow(), "other": Slow()}, {}, torch.randn(4, 3),
                            repeats=1, warmup=0, batch_sizes=(1, 2, 4), images=1, max_seconds=0)

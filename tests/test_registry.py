@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from typing import Literal
 
 import pytest
 
@@ -23,19 +24,14 @@ class EchoDecoder(CaptionDecoder):
 
     def __init__(self, feature_dim: int, word: str = "shape") -> None:
         super().__init__()
-        self.feature_dim, self.word = feature_dim, word
+        self.word = word
         self.scale = torch.nn.Parameter(torch.ones(1))
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return {{"feature_dim": self.feature_dim, "word": self.word}}
-
-    def loss(self, batch):
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         value = (self.scale * batch["features"].mean() - 1.0) ** 2
         return {{"loss": value, "scale": self.scale.detach()[0]}}
 
-    @torch.no_grad()
-    def generate(self, features, **_):
+    def generate_batch(self, features: torch.Tensor, options: Any) -> list[str]:
         return [f"a {{self.word}}"] * len(features)
 '''
 
@@ -157,27 +153,52 @@ def test_evaluating_switches_to_eval_and_restores_only_what_it_changed():
     assert decoder.training  # restored even when the block raises
 
 
-@pytest.mark.parametrize("name", ["clipcap", "diffusion", "mnic"])
+BUILTIN_DECODERS = ["clipcap", "diffusion", "mnic", "nearest"]
+
+
+def test_the_builtin_decoder_list_of_these_tests_is_complete():
+    assert set(registry.available("decoder")) >= set(BUILTIN_DECODERS)
+
+
+@pytest.mark.parametrize("name", BUILTIN_DECODERS)
 def test_an_unknown_generation_option_fails_at_plan_time_naming_the_accepted(name, tmp_path):
     import json
     import time
 
     from diffusion_captioner.compare import compare
 
-    assert set(registry.available("decoder")) >= {"clipcap", "diffusion", "mnic"}
     preset = tmp_path / "typo.json"
     preset.write_text(json.dumps({"include": ["embedded"],
                                   "decoders": {name: {"generate": {"stpes": 4}}}}))
     started = time.perf_counter()
-    with pytest.raises(ValueError, match=r"generate has no option stpes; it takes: \w+"):
+    with pytest.raises(ValueError, match=r"has no generation option stpes; it takes: \w+"):
         compare([name], tmp_path / "run", preset=str(preset), progress=False)
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "run" / name).exists()  # nothing trained
 
 
-def test_a_generate_taking_only_keywords_accepts_any_option():
-    class Loose(registry.CaptionDecoder):
-        def generate(self, features, **options):
-            return []
+def test_a_plugins_typed_options_are_checked_and_a_plugin_without_options_takes_none():
+    from dataclasses import dataclass
 
-    Loose.check_generate_options({"anything": 1})
+    @dataclass(frozen=True)
+    class TopOptions(registry.GenerationOptions):
+        top: int = 1
+        style: Literal["plain", "fancy"] = "plain"
+
+    class Typed(registry.CaptionDecoder):
+        Options = TopOptions
+
+    class Bare(registry.CaptionDecoder):
+        pass
+
+    assert Typed.check_generate_options({"top": 3}) == TopOptions(top=3)
+    with pytest.raises(ValueError, match="top must be int, got 'three'"):
+        Typed.check_generate_options({"top": "three"})
+    with pytest.raises(ValueError, match="style must be one of 'plain', 'fancy', got 'bold'"):
+        Typed.check_generate_options({"style": "bold"})
+    with pytest.raises(ValueError, match=r"Bare has no generation option top; it takes: \(none\)"):
+        Bare.check_generate_options({"top": 3})
+    with pytest.raises(TypeError, match="step_option 'steps' is not a generation option"):
+        class Wrong(registry.CaptionDecoder):  # noqa: F841 - the class statement is the test
+            Options = TopOptions
+            capabilities = registry.Capabilities(kind="iterative", step_option="steps")

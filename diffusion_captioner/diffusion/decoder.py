@@ -56,6 +56,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -78,7 +79,7 @@ from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
 from diffusion_captioner.hub import hf_access
 from diffusion_captioner.language_models import SavesLanguageModel
 from diffusion_captioner.tokenization import decode_until_stop, read_tokenizer, with_special_tokens
-from registry import CaptionDecoder
+from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,31 @@ def load_caption_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.sep_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError(f"diffusion: tokenizer {name!r} has neither a [SEP] nor an eos token")
     return tokenizer
+
+
+@dataclass(frozen=True)
+class DiffusionOptions(GenerationOptions):
+    """The diffusion decoder's generation options.
+
+    Attributes:
+        steps: K, number of denoiser calls; at most T (a larger K runs T steps, with a warning).
+        sampler: ``"feed"``, ``"ddim"``, ``"renoise"`` or ``"refine"``; see
+            :mod:`diffusion_captioner.diffusion.samplers`.
+        clamp: snap x0_hat to the nearest word embeddings between steps.
+        guidance: w, classifier-free guidance weight (needs ``text_condition``; doubles the
+            cost when non-zero).
+        temperature: scale of the starting (and re-noising) Gaussian noise (default: the
+            trained one; another value warns).
+        seed: seeds the noise (a private generator: deterministic, global RNG untouched); None
+            draws from the global RNG.
+    """
+
+    steps: int = 5
+    sampler: SamplerName = "ddim"
+    clamp: bool = False
+    guidance: float = 0.0
+    temperature: float | None = None
+    seed: int | None = 0
 
 
 @CaptionDecoder.register("diffusion")
@@ -170,16 +196,21 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             t = T is tau * eps, in training (the "T state": at tau = 0 an absorbing zero
             vector, like mask-predict's [MASK]) as in generation (the start and ``refine``'s
             restarts), so the two always agree.
-        steps, sampler, clamp, guidance: generation defaults (see :meth:`generate`).
 
-    Every sampler hands the denoiser inputs of a kind training produced at that timestep label:
-    ``feed`` passes its own clean estimate, which no timestep label describes, so it needs
-    ``time_embedding=False`` (the original code); ``refine`` needs per-position noise in training
-    (``mixed_noise`` or ``refine_noise``). Other combinations fail at construction.
+    Generation options (steps, sampler, clamp, guidance, temperature, seed) are
+    :class:`DiffusionOptions`. Every sampler hands the denoiser inputs of a kind training produced
+    at that timestep label: ``feed`` passes its own clean estimate, which no timestep label
+    describes, so it needs ``time_embedding=False`` (the original code); ``refine`` needs
+    per-position noise in training (``mixed_noise`` or ``refine_noise``). Other combinations
+    fail when the plan is made (:meth:`check_generate_options`).
     """
 
-    step_sweep = (1, 2, 5, 10, 20)
+    Options = DiffusionOptions
+    capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
+                                step_sweep=(1, 2, 5, 10, 20))
     needs_text_features = True
+    #: Generation options older checkpoints kept in their model config.
+    LEGACY_GENERATION_KEYS = ("steps", "sampler", "clamp", "guidance")
     default_lm, offline_configs = "distilbert-base-uncased", OFFLINE_LM_CONFIGS
 
     @classmethod
@@ -222,40 +253,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         shared_noise: bool = False,
         mask_padding: bool = False,
         refine_noise: float = 0.0,
-        steps: int = 5,
-        sampler: SamplerName = "ddim",
-        clamp: bool = False,
-        guidance: float = 0.0,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        self._config: dict[str, Any] = {
-            "feature_dim": int(feature_dim), "lm": str(lm), "lm_pretrained": bool(lm_pretrained),
-            "body_pretrained": bool(body_pretrained),
-            "lm_config": dict(lm_config) if lm_config is not None else None,
-            "tokenizer": tokenizer, "max_length": int(max_length), "fusion": fusion,
-            "image_tokens": int(image_tokens),
-            "time_embedding": bool(time_embedding), "self_conditioning": bool(self_conditioning),
-            "text_condition": bool(text_condition), "text_dropout": float(text_dropout),
-            "schedule": schedule, "diffusion_steps": int(diffusion_steps),
-            "restore_loss": restore_loss, "x1_loss": bool(x1_loss),
-            "rounding_weight": float(rounding_weight),
-            "dynamic_rounding": float(dynamic_rounding) if dynamic_rounding is not None else None,
-            "normalize_embeddings": bool(normalize_embeddings), "embed_scale": float(embed_scale),
-            "input_scaling": bool(input_scaling), "normalize_features": bool(normalize_features),
-            "mixed_noise": float(mixed_noise), "length_head": bool(length_head),
-            "feature_norm": float(feature_norm) if feature_norm is not None else None,
-            "projection": projection, "start_token": bool(start_token),
-            "timesteps_per_caption": int(timesteps_per_caption),
-            "shared_timesteps": bool(shared_timesteps), "shared_noise": bool(shared_noise),
-            "mask_padding": bool(mask_padding), "refine_noise": float(refine_noise),
-            "steps": int(steps), "sampler": sampler, "clamp": bool(clamp),
-            "guidance": float(guidance), "temperature": float(temperature),
-        }
         if restore_loss not in RESTORE_LOSSES:
             raise ValueError(f"unknown restore_loss {restore_loss!r}; choose one of: "
                              f"{', '.join(RESTORE_LOSSES)}")
-        sampler_for(sampler)  # an unknown name fails now, listing the samplers
         if max_length < 2:
             raise ValueError("diffusion: max_length must be >= 2 (a word and the end token)")
         if not 0.0 <= text_dropout <= 1.0:
@@ -269,9 +272,6 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: refine_noise must be in [0, 1], got {refine_noise}")
         if temperature < 0:
             raise ValueError(f"diffusion: temperature must be >= 0, got {temperature}")
-        problem = self.sampler_problem(sampler, self._config)
-        if problem:  # a checkpoint trained before the check: it loads, and says so
-            logger.warning("%s", problem)
         self.max_length = int(max_length)
         self.schedule = NoiseSchedule(schedule, diffusion_steps)
         self.restore_fn = RESTORE_LOSSES[restore_loss]
@@ -351,25 +351,31 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         return None
 
     @classmethod
-    def check_config(cls, config: dict[str, Any]) -> None:
-        """Refuse, before any training, a configuration whose sampler feeds inputs training never
-        shows. (Building one only warns, so checkpoints trained before the check still load.)"""
+    def check_generate_options(cls, options: dict[str, Any],
+                               config: dict[str, Any] | None = None) -> DiffusionOptions:
+        """Parse the options and refuse, before any training, a sampler that would feed the
+        configured denoiser inputs training never shows."""
+        parsed = super().check_generate_options(options, config)
         defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                     if p.default is not inspect.Parameter.empty}
-        full = {**defaults, **{k: v for k, v in config.items() if k != "type"}}
-        problem = cls.sampler_problem(full["sampler"], full)
+        full = {**defaults, **{k: v for k, v in (config or {}).items() if k != "type"}}
+        problem = cls.sampler_problem(parsed.sampler, full, parsed.temperature)
         if problem:
             raise ValueError(problem)
+        return parsed
 
-    # ---------------------------------------------------------------- config and checkpoints
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
+    @classmethod
+    def upgrade_config(cls, saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Checkpoints written before the generation options left the model config kept
+        ``steps``, ``sampler``, ``clamp`` and ``guidance`` in it: they become the loaded
+        decoder's generation defaults."""
+        arguments = {k: v for k, v in saved.items() if k not in cls.LEGACY_GENERATION_KEYS}
+        return arguments, {k: saved[k] for k in cls.LEGACY_GENERATION_KEYS if k in saved}
 
+    # ---------------------------------------------------------------- pieces
     def wrapped_lm(self) -> PreTrainedModel:
         return self.denoiser.mlm
 
-    # ---------------------------------------------------------------- pieces
     def step_modules(self) -> list[torch.nn.Module]:
         """The denoiser: called K times (2K with guidance) per ``generate``."""
         return [self.denoiser]
@@ -390,7 +396,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     @property
     def embed_scale(self) -> float:
-        return self._config["embed_scale"]
+        return self.hparams["embed_scale"]
 
     def diffusion_table(self) -> torch.Tensor:
         """Every word's x_0 vector: ``s (E - mu) / sigma`` (V, E)."""
@@ -411,7 +417,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         token, then padding to L."""
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
         ids = torch.full((len(encoded), self.max_length), self.pad_token_id, dtype=torch.long)
-        start = [int(self.tokenizer.cls_token_id)] if self._config["start_token"] else []
+        start = [int(self.tokenizer.cls_token_id)] if self.hparams["start_token"] else []
         for i, row in enumerate(encoded):
             row = start + row[: self.max_length - 1 - len(start)] + [self.end_token_id]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -432,18 +438,18 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         element, like the other inputs of the network (a unit-norm 128-d feature would enter
         at ~0.09 per element and be drowned in the input LayerNorm)."""
         z = features.to(device=self.device, dtype=self.x0_std.dtype)  # (B, D)
-        if self._config["normalize_features"]:
+        if self.hparams["normalize_features"]:
             z = F.normalize(z, dim=-1) * self._feature_norm(z.shape[-1])  # (B, D)
         return z
 
     def _feature_norm(self, dim: int) -> float:
-        norm = self._config["feature_norm"]
+        norm = self.hparams["feature_norm"]
         return dim ** 0.5 if norm is None else norm
 
     def _input_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """c_in(t) = 1 / sqrt(abar_t s'^2 + 1 - abar_t) (1 without ``input_scaling``), (B, 1, 1)
         or (B, L, 1)."""
-        if not self._config["input_scaling"]:
+        if not self.hparams["input_scaling"]:
             return torch.ones((like.shape[0], 1, 1), device=like.device, dtype=like.dtype)
         abar = self.schedule.abar(t, like)  # (B, 1, 1) or (B, L, 1)
         return torch.rsqrt(abar * self.x0_std**2 + 1 - abar)
@@ -484,20 +490,20 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         text = batch.get("text_features")
         if text is not None and self.denoiser.text_proj is not None:
             text = self._features(text)  # (B, D)
-            keep = uniform(batch_size) >= self._config["text_dropout"]  # (B,)
+            keep = uniform(batch_size) >= self.hparams["text_dropout"]  # (B,)
         else:
             text = None
             keep = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
         t = self._draw_timesteps(ids, uniform, generator)  # (N B,) or (N B, L)
         length, width = ids.shape[1], self.word_embeddings.shape[1]
-        if self._config["shared_noise"]:  # one draw per caption, at each of its N timesteps
+        if self.hparams["shared_noise"]:  # one draw per caption, at each of its N timesteps
             noise = gaussian(batch_size, length, width).repeat(t.shape[0] // batch_size, 1, 1)
         else:
             noise = gaussian(t.shape[0], length, width)  # (N B, L, E)
         self_condition = self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5)
         # the x_1 term's noise is drawn after the x_t forward (dropout draws from the same RNG)
-        noise_1 = (lambda: gaussian(batch_size, length, width)) if self._config["x1_loss"] else None
+        noise_1 = (lambda: gaussian(batch_size, length, width)) if self.hparams["x1_loss"] else None
         parts = self.denoising_loss(ids, image, text, keep, t, noise, noise_1, self_condition)
         total = parts["loss"]
         if self.length_head is not None:
@@ -525,17 +531,17 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         sampler feeds them, ``mixed_noise`` rows lowered (:meth:`_mix_timesteps`), and with a
         length head half the rows see their end token and padding clean."""
         batch, length = ids.shape
-        levels = self._config["timesteps_per_caption"]
-        if self._config["shared_timesteps"]:
+        levels = self.hparams["timesteps_per_caption"]
+        if self.hparams["shared_timesteps"]:
             t = self.schedule.sample_timesteps(levels, self.device, generator)  # (N,)
             t = t.repeat_interleave(batch)  # (N B,)
         else:
             t = self.schedule.sample_timesteps(levels * batch, self.device, generator)  # (N B,)
         ids = ids.repeat(levels, 1)  # (N B, L)
         rows = ids.shape[0]
-        if self._config["mixed_noise"] > 0:
+        if self.hparams["mixed_noise"] > 0:
             t = self._mix_timesteps(t, length, uniform)  # (N B, L)
-        if self._config["refine_noise"] > 0:
+        if self.hparams["refine_noise"] > 0:
             t = self._refine_timesteps(t, ids, uniform)  # (N B, L)
         if self.length_head is not None:
             words = self.end_positions(ids)  # (N B,)
@@ -549,7 +555,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         the refine sampler feeds: each span position (words and end token) at t = T with a
         per-row probability r ~ U(0, 1), every other position clean (t = 0)."""
         rows, length = ids.shape
-        chosen = uniform(rows) < self._config["refine_noise"]  # (R,)
+        chosen = uniform(rows) < self.hparams["refine_noise"]  # (R,)
         r = uniform(rows)  # (R,)
         restart = uniform(rows, length) < r[:, None]  # (R, L)
         words = self.end_positions(ids)  # (R,)
@@ -563,7 +569,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         and the refine sampler's restarts do; q_sample's sqrt(abar_T) x_0 there is ~5e-5 x_0."""
         at_end = t == self.schedule.steps  # (R,) or (R, L)
         at_end = at_end.view(*t.shape, *([1] * (x_t.dim() - t.dim())))  # broadcastable
-        return torch.where(at_end, self._config["temperature"] * noise, x_t)
+        return torch.where(at_end, self.hparams["temperature"] * noise, x_t)
 
     def denoising_loss(self, ids: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
                        keep: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -581,7 +587,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         levels = t.shape[0] // batch
         x0 = self.embed(ids)  # (B, L, E)
         caption_mask = None
-        if self._config["mask_padding"]:  # [CLS] words [SEP] attended, padding hidden
+        if self.hparams["mask_padding"]:  # [CLS] words [SEP] attended, padding hidden
             words = self.end_positions(ids)  # (B,)
             caption_mask = torch.arange(ids.shape[1], device=ids.device)[None] <= words[:, None]
 
@@ -622,13 +628,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             parts.update(restore_x1=restore_1, rounding_x1=rounding_1)
             l_simple, l_rounding = l_simple + restore_1, l_rounding + rounding_1
         weight = self.rounding_lambda
-        if self._config["dynamic_rounding"] is not None:
+        if self.hparams["dynamic_rounding"] is not None:
             if self.training:  # lambda = C * L_simple' / L_R, updated every step
                 ratio = (l_simple.detach() / l_rounding.detach().clamp(min=1e-8)).float()
-                self.rounding_lambda.fill_(self._config["dynamic_rounding"] * float(ratio))
+                self.rounding_lambda.fill_(self.hparams["dynamic_rounding"] * float(ratio))
                 weight = self.rounding_lambda.clone()  # the next fill_ must not touch this graph
             else:  # validation: the fixed weight, so losses of different steps compare
-                weight = torch.tensor(self._config["rounding_weight"], device=self.device)
+                weight = torch.tensor(self.hparams["rounding_weight"], device=self.device)
         parts.update(l_simple=l_simple, l_rounding=l_rounding, rounding_lambda=weight.detach(),
                      token_accuracy=accuracy, loss=l_simple + weight * l_rounding)
         return parts
@@ -639,7 +645,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         as the refine sampler's committed words) or, for half the captions, t' = floor(u t),
         u ~ U(0, 1), i.e. t' in 0..t - 1."""
         batch = t.shape[0]
-        mixed = uniform(batch) < self._config["mixed_noise"]  # (B,)
+        mixed = uniform(batch) < self.hparams["mixed_noise"]  # (B,)
         q = uniform(batch)  # (B,)
         lowered = uniform(batch, length) < q[:, None]  # (B, L)
         graded = uniform(batch) < 0.5  # (B,)
@@ -656,7 +662,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def _prior(self, image: torch.Tensor) -> torch.Tensor:
         """The text prior's guess of the caption's (normalised) CLIP text feature, (B, D)."""
         z = self.text_prior(image)  # (B, D)
-        if self._config["normalize_features"]:
+        if self.hparams["normalize_features"]:
             z = F.normalize(z, dim=-1) * self._feature_norm(z.shape[-1])  # (B, D)
         return z
 
@@ -679,52 +685,25 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         uncond = self.denoise(x_t, t, image, text, dropped, self_cond, projected)  # (B, L, E)
         return (1 + guidance) * cond - guidance * uncond
 
-    @torch.no_grad()
-    def generate(
-        self,
-        features: torch.Tensor,
-        steps: int | None = None,
-        guidance: float | None = None,
-        return_trajectory: bool = False,
-        sampler: SamplerName | None = None,
-        clamp: bool | None = None,
-        temperature: float | None = None,
-        seed: int | None = 0,
-        **_: Any,
-    ) -> list[str] | list[list[str]]:
-        """(B, D) features -> B captions by K-step diffusion sampling.
+    def generate_batch(self, features: torch.Tensor, options: DiffusionOptions) -> list[str]:
+        """(B, D) features -> B captions by K-step diffusion sampling (:class:`DiffusionOptions`)."""
+        return self._sample(features, options, trajectory=False)
 
-        Args:
-            steps: K, number of denoiser calls (default: the config's ``steps``); at most T
-                (a larger K runs T steps, with a warning).
-            guidance: w, classifier-free guidance weight (needs ``text_condition``; doubles the
-                cost when non-zero).
-            return_trajectory: return, per image, the caption after every step instead.
-            sampler: ``"feed"``, ``"ddim"``, ``"renoise"`` or ``"refine"`` (default: the
-                config's); see :mod:`diffusion_captioner.diffusion.samplers`.
-            clamp: snap x0_hat to the nearest word embeddings between steps.
-            temperature: scale of the starting (and re-noising) Gaussian noise; another
-                value than the trained one (the T state) warns.
-            seed: seeds the noise (a private generator: deterministic, global RNG untouched);
-                None draws from the global RNG.
+    def generate_trajectory_batch(self, features: torch.Tensor,
+                                  options: DiffusionOptions) -> list[list[str]]:
+        """Per image, the K captions after steps 1..K (the last is :meth:`generate_batch`'s)."""
+        return self._sample(features, options, trajectory=True)
 
-        Returns:
-            ``list[str]``, one caption per image; with ``return_trajectory=True`` a
-            ``list[list[str]]``: for image i, the K captions after steps 1..K, the last being
-            the caption ``generate`` returns without it.
-
-        Options meant for other decoders (e.g. ``num_beams``) are accepted and ignored.
-        """
-        cfg = self._config
-        k = int(cfg["steps"] if steps is None else steps)
-        w = float(cfg["guidance"] if guidance is None else guidance)
-        mode = cfg["sampler"] if sampler is None else sampler
-        snap = bool(cfg["clamp"] if clamp is None else clamp)
-        tau = float(cfg["temperature"] if temperature is None else temperature)
+    def _sample(self, features: torch.Tensor, options: DiffusionOptions,
+                trajectory: bool) -> list[str] | list[list[str]]:
+        cfg = self.hparams
+        k, w, mode, snap = options.steps, options.guidance, options.sampler, options.clamp
+        tau = float(cfg["temperature"] if options.temperature is None else options.temperature)
+        seed, return_trajectory = options.seed, trajectory
         problem = self.sampler_problem(mode, cfg, tau)
-        if problem and sampler is not None:  # asked for explicitly: refused
+        if problem and self.generation_defaults.get("sampler") != mode:  # asked for: refused
             raise ValueError(problem)
-        if problem:
+        if problem:  # a checkpoint trained before the check, with its saved sampler: it says so
             logger.warning("%s", problem)
         stepper = sampler_for(mode)
         if tau != cfg["temperature"]:
@@ -741,50 +720,47 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             logger.warning("diffusion: guidance %.2f ignored: the model has no text condition "
                            "(text_condition=False)", w)
         batch = features.shape[0]
-        if batch == 0:
-            return []
-        with self.evaluating():
-            image = self._features(features)  # (B, D)
-            text = self._prior(image) if self.text_prior is not None else None
-            projected = self.denoiser.project(image, text)  # the same for every step
-            generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-            shape = (batch, self.max_length, self.word_embeddings.shape[1])
+        image = self._features(features)  # (B, D)
+        text = self._prior(image) if self.text_prior is not None else None
+        projected = self.denoiser.project(image, text)  # the same for every step
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        shape = (batch, self.max_length, self.word_embeddings.shape[1])
 
-            def gaussian() -> torch.Tensor:  # unit N(0, I); the T state is tau times it
-                return torch.randn(shape, generator=generator).to(self.device, image.dtype)
+        def gaussian() -> torch.Tensor:  # unit N(0, I); the T state is tau times it
+            return torch.randn(shape, generator=generator).to(self.device, image.dtype)
 
-            table = self.diffusion_table() if snap else None
-            timesteps = self.schedule.inference_timesteps(k)
-            x_t = tau * gaussian()  # (B, L, E), the T state
-            t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
-            lengths, suffix, suffix_ids = None, None, None
-            if self.length_head is not None:  # commit the end token and padding up front
-                lengths = self.length_head(image).argmax(-1)  # (B,)
-                positions = torch.arange(self.max_length, device=self.device)  # (L,)
-                suffix = positions[None] >= lengths[:, None]  # (B, L)
-                suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
-                                         self.pad_token_id)  # (B, L)
-                clean_suffix = self.embed(suffix_ids)  # (B, L, E)
-            run = SamplingRun(self, timesteps, table, lengths, gaussian, tau)
-            x0_hat, previous = x_t, None
-            trajectory: list[list[str]] = []
-            for i in range(len(timesteps)):
-                if suffix is not None:
-                    x_t = torch.where(suffix[..., None], clean_suffix, x_t)  # (B, L, E)
-                    t = torch.where(suffix, 0, t if t.dim() == 2 else t[:, None].expand_as(suffix))
-                x0_hat = self._guided_x0(x_t, t, image, text, w, previous, projected)  # (B, L, E)
-                if return_trajectory:
-                    step_ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
-                    if suffix is not None:
-                        step_ids = torch.where(suffix, suffix_ids, step_ids)
-                    trajectory.append(self.decode(step_ids))
-                if i + 1 == len(timesteps):
-                    break
-                previous = x0_hat
-                x_t, t = stepper.next_input(run, x0_hat, x_t, t, i + 1)  # (B, L, E), (B[, L])
-            ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+        table = self.diffusion_table() if snap else None
+        timesteps = self.schedule.inference_timesteps(k)
+        x_t = tau * gaussian()  # (B, L, E), the T state
+        t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
+        lengths, suffix, suffix_ids = None, None, None
+        if self.length_head is not None:  # commit the end token and padding up front
+            lengths = self.length_head(image).argmax(-1)  # (B,)
+            positions = torch.arange(self.max_length, device=self.device)  # (L,)
+            suffix = positions[None] >= lengths[:, None]  # (B, L)
+            suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
+                                     self.pad_token_id)  # (B, L)
+            clean_suffix = self.embed(suffix_ids)  # (B, L, E)
+        run = SamplingRun(self, timesteps, table, lengths, gaussian, tau)
+        x0_hat, previous = x_t, None
+        per_step: list[list[str]] = []
+        for i in range(len(timesteps)):
             if suffix is not None:
-                ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
+                x_t = torch.where(suffix[..., None], clean_suffix, x_t)  # (B, L, E)
+                t = torch.where(suffix, 0, t if t.dim() == 2 else t[:, None].expand_as(suffix))
+            x0_hat = self._guided_x0(x_t, t, image, text, w, previous, projected)  # (B, L, E)
+            if return_trajectory:
+                step_ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+                if suffix is not None:
+                    step_ids = torch.where(suffix, suffix_ids, step_ids)
+                per_step.append(self.decode(step_ids))
+            if i + 1 == len(timesteps):
+                break
+            previous = x0_hat
+            x_t, t = stepper.next_input(run, x0_hat, x_t, t, i + 1)  # (B, L, E), (B[, L])
+        ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+        if suffix is not None:
+            ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
         if return_trajectory:
-            return [list(captions) for captions in zip(*trajectory, strict=True)]
+            return [list(captions) for captions in zip(*per_step, strict=True)]
         return self.decode(ids)

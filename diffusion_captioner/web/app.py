@@ -13,7 +13,6 @@ safe; every error answers JSON (API) or a plain line (page), the traceback goes 
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import socket
@@ -21,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from flask import Flask, Response, jsonify, render_template, request
@@ -31,7 +30,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from diffusion_captioner.images import BadImageError, to_rgb
 from diffusion_captioner.inference import LoadedRun, generate_captions, load_run
-from registry import CaptionDecoder, registered_name
+from registry import CaptionDecoder, DecoderKind, registered_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,6 @@ MAX_PIXELS = 40_000_000
 #: Largest ``steps`` a request may ask for.
 MAX_STEPS = 1000
 
-#: How a decoder spends its steps: refinement passes over the whole caption (``iterative``,
-#: ``steps`` applies), one pass per token (``autoregressive``), or unknown (``single``).
-DecoderKind = Literal["iterative", "autoregressive", "single"]
-
 SAMPLES_DIR = Path(__file__).parent / "static" / "samples"
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -60,14 +55,6 @@ class InMemoryRequest(Request):
                          filename: str | None = None,
                          content_length: int | None = None) -> io.BytesIO:
         return io.BytesIO()
-
-
-def supports_trajectory(decoder: CaptionDecoder) -> bool:
-    """Whether ``decoder.generate`` takes ``return_trajectory`` (the caption after every step)."""
-    try:
-        return "return_trajectory" in inspect.signature(decoder.generate).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass
@@ -90,28 +77,15 @@ class DecoderInfo:
 
 
 def describe_decoder(name: str, decoder: CaptionDecoder, options: dict[str, Any]) -> DecoderInfo:
-    """Kind, default step count and the step counts worth offering (its ``step_sweep``)."""
-    sweep = [int(k) for k in getattr(type(decoder), "step_sweep", ()) or ()]
-    trajectory = supports_trajectory(decoder)
-    iterative = bool(sweep) or trajectory
+    """Kind, trajectory, default step count and the step counts worth offering: read from the
+    decoder's declared capabilities and its options (``options`` over the class defaults)."""
+    capabilities = decoder.capabilities
     default = None
-    if iterative:
-        default = options.get("steps")
-        if default is None:
-            default = (getattr(decoder, "config", None) or {}).get("steps")
-        if default is None:
-            try:
-                parameter = inspect.signature(decoder.generate).parameters.get("steps")
-            except (TypeError, ValueError):
-                parameter = None
-            if parameter is not None and isinstance(parameter.default, int):
-                default = parameter.default
-    kind: DecoderKind = ("iterative" if iterative else
-                         "autoregressive" if getattr(decoder, "tokenizer", None) is not None
-                         else "single")
-    steps = sorted(set(sweep) | ({int(default)} if default is not None else set()))
+    if capabilities.step_option is not None:
+        default = getattr(decoder.options(options), capabilities.step_option)
+    steps = sorted(set(capabilities.step_sweep) | ({int(default)} if default is not None else set()))
     return DecoderInfo(name, f"{type(decoder).__module__}.{type(decoder).__qualname__}",
-                       registered_name(type(decoder)), kind, trajectory,
+                       registered_name(type(decoder)), capabilities.kind, capabilities.trajectory,
                        int(default) if default is not None else None, steps, dict(options))
 
 
@@ -198,18 +172,18 @@ class CaptionService:
             for name in names:
                 decoder, info = self.loaded.decoders[name], self.infos[name]
                 options = dict(self.loaded.generate_options.get(name, {}))
-                if steps is not None and info.kind == "iterative":
-                    options["steps"] = steps
+                step_option = decoder.capabilities.step_option
+                if steps is not None and step_option is not None:
+                    options[step_option] = steps
                 want_trajectory = trajectory and info.trajectory
-                if want_trajectory:
-                    options["return_trajectory"] = True
-                generated, seconds = generate_captions(decoder, features, **options)
+                generated, seconds = generate_captions(decoder, features,
+                                                       trajectory=want_trajectory, **options)
                 path = [str(c) for c in generated[0]] if want_trajectory else None
                 caption = (path[-1] if path else "") if path is not None else str(generated[0])
                 if path is not None:
                     count = len(path)
-                elif info.kind == "iterative":
-                    count = options.get("steps", info.default_steps)
+                elif step_option is not None:
+                    count = options.get(step_option, info.default_steps)
                 elif info.kind == "autoregressive":
                     count = token_steps(decoder, caption)
                 else:
