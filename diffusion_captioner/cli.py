@@ -385,9 +385,8 @@ class Commands:
         Args:
             run: the run folder (``runs/NAME``), or an export.
             to: the folder to write (new, empty, or an earlier export of the same run).
-            push_to_hub: also upload DIR to this hub model repository (``org/name``; needs
-                the network and a login, checked before anything is written); load it back
-                with ``--run hf-hub:org/name``.
+            push_to_hub: upload DIR to hub repo org/name too (load it as --run hf-hub:org/name);
+                needs the network and a login, checked before anything is written.
             include_package: module(s) whose decorators register your components.
         """
         from diffusion_captioner import api
