@@ -99,6 +99,11 @@ def test_caption_matches_the_cli_path(untrained_run, images, capsys):
     assert run.caption(pil, decoders="clipcap,nearest") == {
         n: by_decoder[n] for n in ("clipcap", "nearest")}
     assert run.caption(images[0], decoders=["clipcap"]) == {"clipcap": by_decoder["clipcap"][:1]}
+    # a loaded Run serves as it is
+    from diffusion_captioner.web import create_app
+
+    reply = create_app(loaded=run).test_client().get("/api/decoders")
+    assert [d["name"] for d in reply.get_json()["decoders"]] == run.names
 
 
 def test_caption_options_and_errors(untrained_run, images, tmp_path):
@@ -131,8 +136,9 @@ def test_evaluate_files_and_dicts(tmp_path):
     assert from_files.scores["Bleu_1"] > 0.9 and from_files.paper_bleu is None
     assert json.loads((tmp_path / "m.json").read_text())["CIDEr"] == pytest.approx(
         from_files.scores["CIDEr"])
-    from_dicts = dc.evaluate(results, references)
+    from_dicts = dc.evaluate(results, references, paper_bleu="embedded:shapes_words")
     assert from_dicts.scores == pytest.approx(from_files.scores)
+    assert 0 < from_dicts.paper_bleu <= 1
     assert from_dicts.report.per_image["CIDEr"].keys() == {1, 2}
 
 
