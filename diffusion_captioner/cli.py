@@ -5,17 +5,20 @@
     dcap extract [--dataset shapes] [--encoder ViT-B-32:openai]
     dcap bench --run runs/NAME
     dcap caption --run runs/NAME --images a.jpg,b.png
+    dcap export --run runs/NAME --to DIR [--push-to-hub org/name]
     dcap list
     dcap serve [--run runs/NAME] [--port 8000]
     dcap pretrain-clip [--out DIR] [--steps N]
 
 Every command takes ``--include-package my_pkg`` (repeatable as ``a,b``) to register user code.
+The commands call the Python API (``diffusion_captioner.api``, ``import diffusion_captioner as dc``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,16 +104,15 @@ class Commands:
 
     def list(self, include_package: Any = None) -> None:
         """Every registered component (decoders, encoders, datasets) with a one-line description."""
-        _include(include_package)
-        for role in ("decoder", "encoder", "dataset"):
-            print(f"{role}s:")
-            for name in registry.available(role):
-                cls = registry.resolve(role, name)
-                print(f"  {name:<16} {registry.describe(cls)}")
-        from diffusion_captioner.presets import available_presets
+        from diffusion_captioner import api
 
-        print(f"presets: {', '.join(available_presets())}")
-        for plugin, error in registry.plugin_errors.items():
+        components = api.list_components(include_package)
+        for role, found in components.by_role().items():
+            print(f"{role}s:")
+            for name, description in found.items():
+                print(f"  {name:<16} {description}")
+        print(f"presets: {', '.join(components.presets)}")
+        for plugin, error in components.broken_plugins.items():
             print(f"broken plugin {plugin}: {error}")
 
     def compare(
@@ -155,32 +157,15 @@ class Commands:
                 ``flickr30k``, ``coco-karpathy``, ``flickr8k+flickr30k``), or the folder relative
                 paths in a ``--dataset`` JSON config resolve under.
         """
-        from diffusion_captioner.compare import compare
+        from diffusion_captioner import api
 
-        _include(include_package)
-        if dataset is None and data_dir is not None:  # the preset's dataset, under --data-dir
-            from diffusion_captioner.presets import load_preset
-
-            dataset = load_preset(preset).get("dataset")
-        names = as_list(decoders) or registry.available("decoder")
-        for name in names:
-            registry.resolve("decoder", name)  # fail before any work on an unknown name
-        configs = as_dict(decoder_config, "decoder-config") or {}
-        stray = sorted(set(configs) - set(names))
-        if stray or not all(isinstance(v, dict) for v in configs.values()):
-            raise ValueError(f"--decoder-config: a JSON object of {{decoder: {{argument: value}}}} "
-                             f"for the decoders run ({', '.join(names)}); "
-                             + (f"not run: {', '.join(stray)}" if stray else "values must be objects"))
-        out_dir = Path(out) if out else Path("runs") / f"{Path(preset).stem}-{'-'.join(names)}"
-        metrics = compare(
-            names, out_dir, preset=preset, dataset=dataset_config(dataset, data_dir), encoder=encoder,
-            cache_dir=Path(cache_dir) / "features" if cache_dir else None,
-            train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
-            threads=threads, decoder_overrides=configs,
-        )
-        print((out_dir / "report.md").read_text())
-        print(f"run folder: {out_dir}")
-        del metrics
+        result = api.compare(
+            decoders, out, preset=preset, dataset=dataset, encoder=encoder, cache_dir=cache_dir,
+            train=train, device=device, include_package=include_package, quiet=quiet,
+            data_dir=data_dir, threads=threads, decoder_config=decoder_config,
+            command=shlex.join(["dcap", *sys.argv[1:]]))
+        print(result.report)
+        print(f"run folder: {result.folder}")
 
     def bench(self, run: str | None = None, preset: str | None = None,
               random_init: bool = False, decoders: Any = None, device: str = "cpu",
@@ -276,24 +261,15 @@ class Commands:
                 (eval/paper_bleu.py), decoding with this word-piece tokenizer (a hub name such
                 as ``distilbert-base-uncased`` or a local folder).
         """
-        from eval.metrics import evaluate_files
+        from diffusion_captioner import api
 
-        bleu_tokenizer = None
-        if paper_bleu:
-            from eval.paper_bleu import load_paper_bleu_tokenizer
-
-            bleu_tokenizer = load_paper_bleu_tokenizer(str(paper_bleu))
-        report = evaluate_files(results, annotations, out)
-        for name, value in report.scores.items():
+        evaluation = api.evaluate(results, annotations, out,
+                                  paper_bleu=str(paper_bleu) if paper_bleu else None)
+        for name, value in evaluation.scores.items():
             print(f"{name}: {value:.3f}")
-        if bleu_tokenizer is not None:
-            from eval.coco_format import load_annotations, load_results
-            from eval.paper_bleu import paper_bleu as original_bleu
-
-            value = original_bleu(load_results(results), load_annotations(annotations),
-                                  bleu_tokenizer)
-            print(f"paper_BLEU_4: {value:.4f}  (the original code's protocol)")
-        for name, reason in report.skipped.items():
+        if evaluation.paper_bleu is not None:
+            print(f"paper_BLEU_4: {evaluation.paper_bleu:.4f}  (the original code's protocol)")
+        for name, reason in evaluation.skipped.items():
             print(f"{name}: skipped ({reason})")
         if out:
             print(f"metrics written to {out}")
@@ -377,13 +353,15 @@ class Commands:
         device: str = "cpu",
         include_package: Any = None,
     ) -> None:
-        """Caption your own image files with every decoder of a `compare` run (or --decoders)."""
-        from diffusion_captioner.images import BadImageError
-        from diffusion_captioner.inference import caption_files, load_run
+        """Caption your own image files with every decoder of a `compare` run (or --decoders).
 
-        _include(include_package)
-        loaded = load_run(run, as_list(decoders) or None, device=device)
-        captions, failures = caption_files(loaded, as_list(images))
+        --run is a `compare` run folder, a `dcap export` folder, or hf-hub:org/name (an export on
+        the Hugging Face hub; offline and not in the cache it fails in one line)."""
+        from diffusion_captioner import api
+        from diffusion_captioner.images import BadImageError
+
+        loaded = api.load_run(run, decoders, device=device, include_package=include_package)
+        captions, failures = loaded.caption_files(as_list(images))
         for path, by_decoder in captions.items():
             print(path)
             for name, text in by_decoder.items():
@@ -392,6 +370,33 @@ class Commands:
             first = next(iter(failures.values()))
             more = f" (and {len(failures) - 1} more unreadable)" if len(failures) > 1 else ""
             raise BadImageError(f"{first}{more}")
+
+    def export(self, run: str, to: str, push_to_hub: str | None = None,
+               include_package: Any = None) -> None:
+        """Write a self-contained, shareable copy of a `compare` run that `dcap caption`,
+        `dcap serve` and `dc.load_run` accept as a run folder.
+
+        DIR gets the encoder (the embedded CLIP's or a local encoder's files; a hub or pretrained
+        name by reference), each decoder's best checkpoint, the run's config, metrics and report,
+        and a Hugging Face model card README.md (YAML front matter: library_name, tags, datasets,
+        license, metrics, model-index). A non-empty DIR is replaced only when it is an export of
+        the same run.
+
+        Args:
+            run: the run folder (``runs/NAME``), or an export.
+            to: the folder to write (new, empty, or an earlier export of the same run).
+            push_to_hub: upload DIR to hub repo org/name too (load it as --run hf-hub:org/name);
+                needs the network and a login, checked before anything is written.
+            include_package: module(s) whose decorators register your components.
+        """
+        from diffusion_captioner import api
+
+        _include(include_package)
+        written = api.export(run, to, push_to_hub=push_to_hub)
+        names = json.loads((written / "export.json").read_text())["decoders"]
+        print(f"exported {run} ({', '.join(names)}) to {written}; model card {written / 'README.md'}")
+        if push_to_hub:
+            print(f"pushed to https://huggingface.co/{push_to_hub} (load it with --run hf-hub:{push_to_hub})")
 
     def serve(
         self,
@@ -406,8 +411,9 @@ class Commands:
         """Web page + JSON API: caption your own image with every decoder of a `compare` run.
 
         Args:
-            run: run folder (default: the embedded run ``runs/embedded-<every decoder>`` that
-                `dcap compare` with no arguments writes; trained first when it is not finished).
+            run: run folder, `dcap export` folder or ``hf-hub:org/name`` (default: the embedded
+                run ``runs/embedded-<every decoder>`` that `dcap compare` with no arguments
+                writes; trained first when it is not finished).
             port: TCP port (0 picks a free one).
             host: interface to listen on; keep 127.0.0.1 unless you mean to expose the demo.
             decoders: comma-separated subset of the run's decoders (default: all).

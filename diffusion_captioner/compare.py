@@ -11,10 +11,12 @@ A decoder whose ``summary.json`` exists is not trained or scored again, so rerun
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shlex
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,8 +204,12 @@ def compare(
     progress: bool = True,
     bench_repeats: int = 5,
     threads: int | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run every decoder on the same features and split; write the run folder and report.
+
+    ``command`` is what ``config.json`` records as the command that made the run (default: this
+    process's ``dcap`` command line).
 
     ``threads`` (else the preset's ``threads``, else torch's default) sets torch's intra-op
     threads for the whole run: the embedded preset's tiny models run on one, because they gain
@@ -224,7 +230,7 @@ def compare(
         plans[name]["train"].update(train_overrides or {})
         plans[name]["decoder"].update((decoder_overrides or {}).get(name, {}))
     config = {
-        "command": shlex.join(["dcap", *sys.argv[1:]]),
+        "command": command or shlex.join(["dcap", *sys.argv[1:]]),
         "preset": preset, "dataset": dataset_cfg, "encoder": encoder_cfg, "decoders": plans,
         "device": device, "cache_dir": str(cache_dir) if cache_dir else None,
         "threads": torch.get_num_threads(),
@@ -302,3 +308,22 @@ def compare(
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(render_html(markdown, out))
     return metrics
+
+
+class _CallableModule(types.ModuleType):
+    """Once imported, this module is the package attribute ``diffusion_captioner.compare``, the
+    name the Python API gives its compare: calling the module runs :func:`api.compare`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from diffusion_captioner.api import compare as api_compare
+
+        return api_compare(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from diffusion_captioner.api import compare as api_compare
+
+        return inspect.signature(api_compare)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -176,25 +176,29 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # Transformers names
 # --------------------------------------------------------------------------------------------
-def missing_hf_message(name: str, what: str) -> str:
-    """The one-line message for a hub model that is neither cached nor reachable."""
+_LOCAL_HINT = "save it with save_pretrained(DIR) and pass that directory instead of the name"
+
+
+def missing_hf_message(name: str, what: str, local_hint: str | None = None) -> str:
+    """The one-line message for a hub model that is neither cached nor reachable; ``local_hint``
+    says how to pass a local copy instead (default: a ``save_pretrained`` directory)."""
     return (f"{what} {name!r} is not in the Hugging Face cache ({hf_cache_dir()}) and the hub "
             f"({hf_endpoint()}) is unavailable: {_why_unreachable()}. Pre-download it on a "
             f"connected machine with `hf download {name}` (`huggingface-cli download` before "
-            "huggingface_hub 1.0; same HF_HOME), or save it "
-            "with save_pretrained(DIR) and pass that directory instead of the name")
+            f"huggingface_hub 1.0; same HF_HOME), or {local_hint or _LOCAL_HINT}")
 
 
 @contextmanager
 def hf_access(name: str | os.PathLike[str] | None, what: str = "model",
-              download: bool = True) -> Iterator[None]:
+              download: bool = True, local_hint: str | None = None) -> Iterator[None]:
     """Guard a ``from_pretrained(name)`` block so that it can never hang on the network.
 
     ``download=False`` says the block needs no hub file at all (a model built from a built-in
     config): nothing is checked. A local directory, a file or ``embedded:NAME`` passes through.
     A cached hub name loads in offline mode when the hub is unavailable; an uncached one fails
     at once with :func:`missing_hf_message`. Connection and not-found errors raised inside the
-    block become one-line :class:`ComponentError`s naming ``name``.
+    block become one-line :class:`ComponentError`s naming ``name``; ``local_hint`` is the way
+    to a local copy that the message offers.
     """
     if name is None or not download or is_local(name):
         yield
@@ -204,7 +208,7 @@ def hf_access(name: str | os.PathLike[str] | None, what: str = "model",
     cached = hf_cached(name)
     online = hub_available()
     if not cached and not online:
-        raise ComponentError(missing_hf_message(name, what))
+        raise ComponentError(missing_hf_message(name, what, local_hint))
     try:
         if online:
             yield
@@ -215,7 +219,7 @@ def hf_access(name: str | os.PathLike[str] | None, what: str = "model",
     except ComponentError:
         raise
     except OSError as error:  # transformers: not found / cannot connect / not a valid identifier
-        hint = missing_hf_message(name, what) if not online else (
+        hint = missing_hf_message(name, what, local_hint) if not online else (
             f"{what} {name!r} could not be loaded from the hub ({hf_endpoint()}) or the cache "
             f"({hf_cache_dir()}): {_first_line(error)}. Check the name, or pass a local directory")
         raise ComponentError(hint) from error

@@ -42,13 +42,19 @@ class LoadedRun:
 
 
 def load_run(run: str | Path, names: list[str] | None = None, device: str = "cpu") -> LoadedRun:
-    """Load ``run/config.json``'s encoder and each ``run/<name>/checkpoint/best`` decoder."""
-    run = Path(run)
+    """Load ``run/config.json``'s encoder and each ``run/<name>/checkpoint/best`` decoder.
+
+    ``run`` is a ``compare`` run folder, a folder written by ``dcap export``, or
+    ``hf-hub:org/name`` (an export on the Hugging Face hub, through the fail-fast hub guard).
+    """
+    from diffusion_captioner.sharing import encoder_config_of, resolve_run
+
+    run = resolve_run(run)  # an exported run on the hub (``hf-hub:org/name``) -> its local copy
     config_path = run / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"run folder {run}: no config.json; is it a `dcap compare` --out?")
     config = json.loads(config_path.read_text())
-    encoder = build("encoder", {**config["encoder"], "device": device})
+    encoder = build("encoder", {**encoder_config_of(run, config), "device": device})
     names = names or list(config["decoders"])
     decoders, options = {}, {}
     for name in names:
@@ -63,6 +69,17 @@ def load_run(run: str | Path, names: list[str] | None = None, device: str = "cpu
         decoders[name] = cls.from_pretrained(checkpoint).to(device).eval()
         options[name] = config["decoders"][name].get("generate", {})
     return LoadedRun(encoder, decoders, options)
+
+
+def caption_pixels(loaded: LoadedRun, pixels: torch.Tensor,
+                   options: dict[str, dict[str, Any]] | None = None) -> dict[str, list[str]]:
+    """Encode (N, C, H, W) preprocessed ``pixels`` once and caption them with every loaded
+    decoder, in :func:`generate_captions`' batches; ``options[name]`` overrides that decoder's
+    generation options. Returns ``{decoder: [caption per image]}``."""
+    features = loaded.encoder.encode_images(pixels)  # (N, D)
+    return {name: generate_captions(decoder, features, **{
+                **loaded.generate_options[name], **(options or {}).get(name, {})})[0]
+            for name, decoder in loaded.decoders.items()}
 
 
 def caption_files(
@@ -83,10 +100,9 @@ def caption_files(
             logger.warning("%s", error)
     captions: dict[str, dict[str, str]] = {p: {} for p in kept}
     if kept:
-        features = loaded.encoder.encode_images(torch.stack(pixels))  # (N, D)
-        for name, decoder in loaded.decoders.items():
-            generated, _ = generate_captions(
-                decoder, features, **{**loaded.generate_options[name], **overrides})
-            for path, caption in zip(kept, generated, strict=True):
+        generated = caption_pixels(loaded, torch.stack(pixels),
+                                   {name: overrides for name in loaded.decoders})
+        for name, texts in generated.items():
+            for path, caption in zip(kept, texts, strict=True):
                 captions[path][name] = caption
     return captions, failures

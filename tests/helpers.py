@@ -174,6 +174,33 @@ def tiny_decoder_config(name: str, feature_dim: int, tmp_path: Path | None = Non
     return {"type": name, **TINY_DECODER_CONFIGS[name](feature_dim, directory)}
 
 
+def write_untrained_run(run: Path, encoder_spec: str, decoders: list[str] | None = None,
+                        seed: int = 0) -> Path:
+    """A run folder in the layout `dcap compare` writes (``config.json`` +
+    ``<decoder>/checkpoint/best``) with the embedded preset's decoders untrained over
+    ``encoder_spec``: seconds, where training and scoring them through `compare` take minutes.
+    Default: every registered decoder the preset configures."""
+    import json
+
+    import torch
+
+    import registry
+    from diffusion_captioner.encoders import encoder_config
+    from diffusion_captioner.presets import decoder_plan, load_preset
+
+    encoder_cfg = encoder_config(encoder_spec)
+    dim = registry.build("encoder", {**encoder_cfg, "device": "cpu"}).dim
+    preset = load_preset("embedded")
+    plans = {}
+    for name in decoders or [n for n in registry.available("decoder") if n in preset["decoders"]]:
+        plans[name] = decoder_plan(preset, name)
+        torch.manual_seed(seed)
+        decoder = registry.build("decoder", plans[name]["decoder"], feature_dim=dim)
+        decoder.save_pretrained(Path(run) / name / "checkpoint" / "best")
+    (Path(run) / "config.json").write_text(json.dumps(
+        {"command": "write_untrained_run", "preset": "embedded", "encoder": encoder_cfg,
+         "decoders": plans, "device": "cpu"}, indent=2))
+    return Path(run)
 
 
 def block_network(monkeypatch: pytest.MonkeyPatch) -> None:

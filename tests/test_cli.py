@@ -209,7 +209,7 @@ def test_missing_java_is_one_line_before_any_work(tmp_path, capsys, monkeypatch,
     assert not (tmp_path / "run" / "clipcap").exists()  # nothing trained half way
 
 
-@pytest.mark.parametrize("command", ["compare", "bench", "evaluate", "extract", "caption",
+@pytest.mark.parametrize("command", ["compare", "bench", "evaluate", "extract", "caption", "export",
                                      "serve", "list", "pretrain_clip"])
 def test_an_unknown_flag_fails_every_command_before_any_work(command, capsys):
     started = time.perf_counter()
