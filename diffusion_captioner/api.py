@@ -226,19 +226,16 @@ class Run(LoadedRun):
         return list(dict.fromkeys(names))
 
     def _options(self, names: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Each generation option goes to the decoders whose ``generate`` takes it; one that none
-        of them takes fails naming what each takes."""
+        """Each generation option goes to the decoders whose ``Options`` name it (checked there:
+        a mistyped value fails); one that none of them takes fails."""
         accepted: dict[str, dict[str, Any]] = {}
         takers: dict[str, list[str]] = {key: [] for key in options}
         for name in names:
-            cls = type(self.decoders[name])
-            mine = {}
-            for key, value in options.items():
-                try:
-                    cls.check_generate_options({key: value})
-                except ValueError:
-                    continue
-                mine[key] = value
+            decoder = self.decoders[name]
+            mine = {key: value for key, value in options.items()
+                    if key in decoder.Options.names()}
+            decoder.options(mine)  # a value of the wrong type fails here, naming the option
+            for key in mine:
                 takers[key].append(name)
             accepted[name] = mine
         untaken = [key for key, found in takers.items() if not found]
