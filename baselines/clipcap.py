@@ -25,27 +25,24 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from diffusion_captioner.hub import hf_access
-from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
-from diffusion_captioner.tokenization import decode_until_stop, load_tokenizer
+from diffusion_captioner.language_models import (
+    IGNORE_INDEX,
+    OFFLINE_LM_CONFIGS,
+    SavesLanguageModel,
+    build_language_model,
+    caption_rows,
+    check_position_limit,
+    load_caption_tokenizer,
+    pad_rows,
+)
+from diffusion_captioner.tokenization import decode_until_stop
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
 MapperType = Literal["mlp", "transformer"]
-
-#: LM names whose architecture is known without a download, for ``lm_pretrained=False``.
-#: ``GPT2Config()``'s defaults are the 124M "gpt2" architecture.
-OFFLINE_LM_CONFIGS: dict[str, type] = {"gpt2": GPT2Config, "openai-community/gpt2": GPT2Config}
-
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +258,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         self.normalize_prefix = bool(normalize_prefix)
         self.finetune_lm = bool(finetune_lm)
 
-        tokenizer_name = tokenizer if tokenizer is not None else lm
-        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
-            self.tokenizer = load_tokenizer(tokenizer_name)
+        self.tokenizer = load_caption_tokenizer(tokenizer if tokenizer is not None else lm,
+                                                "clipcap", pad="eos")
         self.lm = build_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
         self.embed_dim = self.lm.get_input_embeddings().embedding_dim
         self.mapper = build_mapper(
@@ -274,12 +270,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
             clip_length=int(clip_length),
             num_layers=int(mapper_layers),
         )
-        positions = getattr(self.lm.config, "max_position_embeddings", None)
-        if positions is not None and self.prefix_length + self.max_length > positions:
-            raise ValueError(
-                f"clipcap: prefix_length {self.prefix_length} + max_length {self.max_length} "
-                f"exceeds the LM's {positions} positions"
-            )
+        check_position_limit(self.lm, self.prefix_length + self.max_length,
+                             f"clipcap: prefix_length {self.prefix_length} + max_length "
+                             f"{self.max_length}")
         if not self.finetune_lm:
             self.lm.requires_grad_(False)
             self.lm.eval()
@@ -322,14 +315,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         terminated with eos; padding uses the pad id and is marked 0 in the mask (GPT-2's pad is
         its eos, so padding is told apart by the mask, never by the id).
         """
-        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        rows = [ids[: self.max_length - 1] + [self.eos_token_id] for ids in encoded]
-        length = max(len(row) for row in rows)
-        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
+        rows = caption_rows(self.tokenizer, captions, self.max_length - 1, end=self.eos_token_id)
+        ids, valid = pad_rows(rows, self.pad_token_id)  # (B, T), (B, T)
+        mask = valid.long()  # (B, T)
         return ids.to(self.device), mask.to(self.device)
 
     def build_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

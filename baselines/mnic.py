@@ -31,18 +31,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoModelForMaskedLM,
-    BertConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from baselines.mnic_modes import (
     CONDITIONINGS,
@@ -50,26 +44,23 @@ from baselines.mnic_modes import (
     ConditioningName,
     LengthModeName,
 )
-from diffusion_captioner.hub import hf_access
-from diffusion_captioner.language_models import SavesLanguageModel, build_language_model
-from diffusion_captioner.tokenization import (
-    decode_until_stop,
-    read_tokenizer,
-    with_special_tokens,
+from diffusion_captioner.language_models import (
+    IGNORE_INDEX,
+    OFFLINE_LM_CONFIGS,
+    FeatureProjection,
+    SavesLanguageModel,
+    build_language_model,
+    check_position_limit,
+    end_token_id,
+    load_caption_tokenizer,
+    pad_rows,
 )
-from registry import Capabilities, CaptionDecoder, ComponentError, GenerationOptions
+from diffusion_captioner.tokenization import decode_until_stop
+from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
 
-#: LM names whose architecture is known without a download, for ``lm_pretrained=False``.
-#: ``BertConfig()``'s defaults are the 110M "bert-base-uncased" architecture.
-OFFLINE_LM_CONFIGS: dict[str, type] = {
-    "bert-base-uncased": BertConfig,
-    "google-bert/bert-base-uncased": BertConfig,
-}
-
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,29 +120,6 @@ def least_confident(
 # --------------------------------------------------------------------------------------------
 # Tokenizer and language model
 # --------------------------------------------------------------------------------------------
-def load_mlm_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """A masked-LM tokenizer in any form :func:`read_tokenizer` reads (``embedded:NAME``, a hub
-    name, a saved directory, a bare ``vocab.txt`` folder).
-
-    It needs ``[MASK]`` and a pad token (added when missing, as in a GPT-2 BPE folder), and an
-    end token (``sep``, else ``eos``) for the fixed length mode (BERT tokenizers have no eos).
-    """
-    name = str(name_or_path)
-    tokenizer = with_special_tokens(read_tokenizer(name), pad=True, mask=True)
-    missing = [
-        what
-        for what, token in (
-            ("a mask token", tokenizer.mask_token),
-            ("a pad token", tokenizer.pad_token),
-            ("an end token (sep or eos)", tokenizer.sep_token or tokenizer.eos_token),
-        )
-        if token is None
-    ]
-    if missing:
-        raise ComponentError(f"mnic: tokenizer {name!r} has no {' and no '.join(missing)}")
-    return tokenizer
-
-
 def build_mlm(
     lm: str,
     pretrained: bool,
@@ -168,22 +136,6 @@ def build_mlm(
     return build_language_model(
         lm, pretrained, overrides, tokenizer, AutoModelForMaskedLM, OFFLINE_LM_CONFIGS,
         what="masked LM")
-
-
-class FeatureProjection(nn.Module):
-    """``P(z) = W2 gelu(W1 z + b1) + b2`` reshaped to k embeddings: (B, D) -> (B, k, E)."""
-
-    def __init__(self, feature_dim: int, embed_dim: int, tokens: int) -> None:
-        super().__init__()
-        self.tokens, self.embed_dim = tokens, embed_dim
-        self.net = nn.Sequential(
-            nn.Linear(feature_dim, embed_dim),
-            nn.GELU(),
-            nn.Linear(embed_dim, tokens * embed_dim),
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).view(z.shape[0], self.tokens, self.embed_dim)  # (B, k, E)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,26 +220,22 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         self.length_loss_weight = float(length_loss_weight)
         self.normalize_features = bool(normalize_features)
 
-        tokenizer_name = tokenizer if tokenizer is not None else lm
-        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
-            self.tokenizer = load_mlm_tokenizer(tokenizer_name)
+        self.tokenizer = load_caption_tokenizer(tokenizer if tokenizer is not None else lm,
+                                                "mnic", mask=True)
         self.lm = build_mlm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer)
         self.embed_dim = self.lm.get_input_embeddings().embedding_dim
-        self.project = FeatureProjection(
-            int(feature_dim), self.embed_dim, self.prefix_length if self.prefix_length else 1
-        )
+        self.project = FeatureProjection(int(feature_dim), self.embed_dim,
+                                         self.prefix_length if self.prefix_length else 1,
+                                         hidden=self.embed_dim)
         # p(L | z) over L = 0..max_length; L = 0 is never a target and never predicted.
         self.length_head = nn.Sequential(
             nn.Linear(int(feature_dim), self.embed_dim),
             nn.GELU(),
             nn.Linear(self.embed_dim, self.max_length + 1),
         )
-        positions = getattr(self.lm.config, "max_position_embeddings", None)
-        if positions is not None and self.prefix_length + self.max_length > positions:
-            raise ValueError(
-                f"mnic: prefix_length {self.prefix_length} + max_length {self.max_length} "
-                f"exceeds the LM's {positions} positions"
-            )
+        check_position_limit(self.lm, self.prefix_length + self.max_length,
+                             f"mnic: prefix_length {self.prefix_length} + max_length "
+                             f"{self.max_length}")
         vocab = self.lm.get_output_embeddings().out_features
         allowed = torch.zeros(vocab, dtype=torch.bool)  # (V,)
         allowed[: len(self.tokenizer)] = True
@@ -313,8 +261,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
     @property
     def end_token_id(self) -> int:
         """The caption end token of the fixed-length mode: ``[SEP]`` (else eos)."""
-        sep = self.tokenizer.sep_token_id
-        return int(sep if sep is not None else self.tokenizer.eos_token_id)
+        return end_token_id(self.tokenizer)
 
     def _features(self, features: torch.Tensor) -> torch.Tensor:
         dtype = next(self.project.parameters()).dtype
@@ -336,11 +283,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         """
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
         rows, width, all_targets = self.length_mode.target_rows(self, encoded)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, T)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            valid[i, : len(row)] = True
+        ids, valid = pad_rows(rows, self.pad_token_id, width)  # (B, T), (B, T)
         if all_targets:
             valid[:] = True
         return ids.to(self.device), valid.to(self.device)

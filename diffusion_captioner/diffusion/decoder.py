@@ -61,24 +61,25 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from diffusion_captioner.diffusion.denoiser import (
-    OFFLINE_LM_CONFIGS,
-    Denoiser,
-    FusionName,
-    ProjectionName,
-    build_masked_lm,
-)
+from diffusion_captioner.diffusion.denoiser import Denoiser, FusionName, build_masked_lm
 from diffusion_captioner.diffusion.samplers import (
     SamplerName,
     SamplingRun,
     sampler_for,
 )
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
-from diffusion_captioner.hub import hf_access
-from diffusion_captioner.language_models import SavesLanguageModel
-from diffusion_captioner.tokenization import decode_until_stop, read_tokenizer, with_special_tokens
+from diffusion_captioner.language_models import (
+    OFFLINE_LM_CONFIGS,
+    ProjectionName,
+    SavesLanguageModel,
+    caption_rows,
+    end_token_id,
+    load_caption_tokenizer,
+    pad_rows,
+)
+from diffusion_captioner.tokenization import decode_until_stop
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
@@ -95,17 +96,6 @@ def _l1(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 RESTORE_LOSSES = {"mse": _mse, "l1": _l1}
-
-
-def load_caption_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Any form :func:`read_tokenizer` reads, with a pad token (added when missing, as in a GPT-2
-    BPE folder); it needs an end token ([SEP], else eos: BERT tokenizers have no eos)."""
-    tokenizer = with_special_tokens(read_tokenizer(name), pad=True)
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"diffusion: tokenizer {name!r} has no pad token")
-    if tokenizer.sep_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError(f"diffusion: tokenizer {name!r} has neither a [SEP] nor an eos token")
-    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -277,8 +267,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self.restore_fn = RESTORE_LOSSES[restore_loss]
 
         tokenizer_name = tokenizer if tokenizer is not None else str(lm)
-        with hf_access(tokenizer_name, "tokenizer"):  # one line, never a hang, when offline
-            self.tokenizer = load_caption_tokenizer(tokenizer_name)
+        self.tokenizer = load_caption_tokenizer(tokenizer_name, "diffusion")
         mlm = build_masked_lm(str(lm), bool(lm_pretrained), lm_config, self.tokenizer,
                               body_pretrained=bool(body_pretrained))
         words = mlm.get_input_embeddings()
@@ -382,8 +371,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     @property
     def end_token_id(self) -> int:
-        sep = self.tokenizer.sep_token_id
-        return int(sep if sep is not None else self.tokenizer.eos_token_id)
+        return end_token_id(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
@@ -415,12 +403,10 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         """Captions -> (B, L) ids: words cut to L - 1 (L - 2 after a ``start_token``), the end
         token, then padding to L."""
-        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        ids = torch.full((len(encoded), self.max_length), self.pad_token_id, dtype=torch.long)
         start = [int(self.tokenizer.cls_token_id)] if self.hparams["start_token"] else []
-        for i, row in enumerate(encoded):
-            row = start + row[: self.max_length - 1 - len(start)] + [self.end_token_id]
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        rows = caption_rows(self.tokenizer, captions, self.max_length - 1 - len(start),
+                            end=self.end_token_id, start=start)
+        ids, _ = pad_rows(rows, self.pad_token_id, self.max_length)  # (B, L)
         return ids.to(self.device)  # (B, L)
 
     def end_positions(self, ids: torch.Tensor) -> torch.Tensor:

@@ -23,25 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    DistilBertConfig,
     DistilBertForMaskedLM,
     PreTrainedTokenizerBase,
 )
 
-from diffusion_captioner.language_models import build_language_model
+from diffusion_captioner.language_models import (
+    OFFLINE_LM_CONFIGS,
+    FeatureProjection,
+    ProjectionName,
+    build_language_model,
+)
 
 logger = logging.getLogger(__name__)
 
 FusionName = Literal["add", "concat"]
-ProjectionName = Literal["mlp", "linear"]
-
-#: LM names whose architecture is known without a download (for ``lm_pretrained=False``):
-#: ``DistilBertConfig()``'s defaults are the distilbert-base-uncased architecture.
-OFFLINE_LM_CONFIGS: dict[str, type] = {
-    "distilbert-base-uncased": DistilBertConfig,
-    "distilbert/distilbert-base-uncased": DistilBertConfig,
-}
-
 
 def build_masked_lm(
     lm: str,
@@ -108,28 +103,6 @@ class TimestepEmbedding(nn.Module):
         if embedding.shape[-1] < self.dim:
             embedding = F.pad(embedding, (0, self.dim - embedding.shape[-1]))  # (B, D)
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))  # (B, D)
-
-
-class FeatureProjection(nn.Module):
-    """A CLIP feature (B, D_clip) -> k tokens of the word-embedding width (B, k, D): an MLP
-    ``W_2 GELU(W_1 z)`` (ClipCap's prefix idea: k > 1 gives the image several slots, e.g. one per
-    object) or, ``kind="linear"``, a single ``W z + b`` (the original code's
-    ``nn.Linear(512, 768)``)."""
-
-    def __init__(self, feature_dim: int, dim: int, tokens: int = 1,
-                 kind: ProjectionName = "mlp") -> None:
-        super().__init__()
-        self.tokens, self.dim = tokens, dim
-        if kind == "linear":
-            self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim))
-        elif kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(feature_dim, tokens * dim), nn.GELU(),
-                                     nn.Linear(tokens * dim, tokens * dim))
-        else:
-            raise ValueError(f"unknown projection {kind!r}; choose one of: mlp, linear")
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).view(z.shape[0], self.tokens, self.dim)  # (B, k, D)
 
 
 class AddFusion(nn.Module):
