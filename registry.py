@@ -7,10 +7,12 @@ names the class and whose other keys are its constructor's arguments::
 
     decoder = build("decoder", {"type": "clipcap", "feature_dim": 512, "prefix_length": 10})
 
-A name is resolved, in order, from: the registry (built-ins are imported on first use); a dotted
-path ``pkg.module.Class``; the entry-point group ``diffusion_captioner.<role>s`` (loaded lazily,
-on a miss, a broken plugin reported and skipped). Users add their own modules with
-:func:`include_package` (the CLI's ``--include-package``).
+A name is resolved, in order, from: the registry (the built-ins register on first use through
+this package's own entry points, as a plugin's would); a dotted path ``pkg.module.Class``; the
+entry-point group ``diffusion_captioner.<role>s`` (loaded lazily, on a miss, a broken plugin
+reported and skipped). Users add their own modules with :func:`include_package` (the CLI's
+``--include-package``). The decoder contract (typed generation options, declared capabilities,
+the recorded config) is :class:`CaptionDecoder`'s docstring.
 """
 
 from __future__ import annotations
@@ -50,15 +52,8 @@ Role = Literal["decoder", "encoder", "dataset"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
-_BUILTIN_MODULES = (
-    "diffusion_captioner.encoders",
-    "diffusion_captioner.data.shapes",
-    "diffusion_captioner.data.coco",
-    "diffusion_captioner.data.karpathy",
-    "diffusion_captioner.data.jsonl",
-    "diffusion_captioner.data.combined",
-    "baselines.clipcap",
-)
+#: The distribution whose own entry points register the shipped components (pyproject.toml).
+DISTRIBUTION = "diffusion_captioner"
 _ENTRY_POINT_GROUPS: dict[Role, str] = {
     "decoder": "diffusion_captioner.decoders",
     "encoder": "diffusion_captioner.encoders",
@@ -368,19 +363,37 @@ plugin_errors: dict[str, str] = {}
 
 
 def load_builtins() -> None:
-    """Import the modules whose decorators register the shipped components (once)."""
+    """Register the shipped components the way a plugin is registered: through the entry points
+    of this package's own distribution (``[project.entry-points."diffusion_captioner.*"]`` in
+    pyproject.toml), once. A built-in that fails to load is a bug, not a broken plugin: it
+    raises."""
     global _loaded_builtins
     if _loaded_builtins:
         return
+    try:
+        distribution = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ComponentError(f"the {DISTRIBUTION} package is not installed, so its built-in "
+                             "components (registered through its entry points) are missing: "
+                             "run `pip install -e .` in the checkout (make install)") from error
+    roles = {group: role for role, group in _ENTRY_POINT_GROUPS.items()}
+    for entry_point in distribution.entry_points:
+        if entry_point.group in roles:
+            _register_entry_point(roles[entry_point.group], entry_point)
     _loaded_builtins = True
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-    for module in ("baselines.mnic", "baselines.nearest", "diffusion_captioner.diffusion.decoder"):
-        try:  # later decoders: present once their issue lands
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name is None or not module.startswith(error.name):
-                raise
+
+
+def _register_entry_point(role: Role, entry_point: importlib.metadata.EntryPoint) -> None:
+    """Load ``entry_point`` and register the class it names under its name (once)."""
+    base = ROLES[role]
+    if base.is_registered(entry_point.name):
+        return
+    loaded = entry_point.load()
+    if not (inspect.isclass(loaded) and issubclass(loaded, base)):
+        raise ComponentError(f"entry point {entry_point.name} = {entry_point.value} is not a "
+                             f"{base.__name__} subclass")
+    if not base.is_registered(entry_point.name):
+        base.register(entry_point.name)(loaded)
 
 
 def include_package(name: str) -> None:
@@ -407,23 +420,12 @@ def load_entry_points(role: Role) -> None:
     _loaded_entry_points.add(role)
     group = _ENTRY_POINT_GROUPS[role]
     for entry_point in importlib.metadata.entry_points(group=group):
-        base = ROLES[role]
-        if base.is_registered(entry_point.name):
-            continue
         try:
-            loaded = entry_point.load()
+            _register_entry_point(role, entry_point)
         except Exception as error:  # noqa: BLE001 - a broken plugin must not stop the program
             message = f"{type(error).__name__}: {error}"
             plugin_errors[f"{group}:{entry_point.name}"] = message
             logger.warning("plugin %s from %s failed to load: %s", entry_point.name, group, message)
-            continue
-        if inspect.isclass(loaded) and issubclass(loaded, base):
-            if not base.is_registered(entry_point.name):
-                base.register(entry_point.name)(loaded)
-        elif not base.is_registered(entry_point.name):
-            plugin_errors[f"{group}:{entry_point.name}"] = (
-                f"{entry_point.value} is not a {base.__name__} subclass"
-            )
 
 
 def available(role: Role) -> list[str]:

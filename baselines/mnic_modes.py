@@ -18,16 +18,28 @@ Length:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from baselines.mnic import MNICDecoder
+from transformers import PreTrainedModel
 
 ConditioningName = Literal["prefix", "add"]
 LengthModeName = Literal["predict", "fixed"]
+
+
+class MaskedCaptioner(Protocol):
+    """What the modes use of the decoder (``baselines.mnic.MNICDecoder``), without importing it."""
+
+    lm: PreTrainedModel
+    max_length: int
+    end_token_id: int
+    pad_token_id: int
+    device: torch.device
+
+    def length_logits(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    def caption_lengths(self, captions: list[str]) -> torch.Tensor: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,7 +54,7 @@ class Conditioning:
         """How many extra positions the condition takes (k)."""
         raise NotImplementedError
 
-    def lm_inputs(self, decoder: MNICDecoder, condition: torch.Tensor, tokens: torch.Tensor,
+    def lm_inputs(self, decoder: MaskedCaptioner, condition: torch.Tensor, tokens: torch.Tensor,
                   attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """``condition`` (B, k or 1, E), ``tokens`` (B, T, E), ``attention`` (B, T) long ->
         input embeddings (B, k+T, E), attention (B, k+T), extra LM keyword arguments."""
@@ -55,7 +67,7 @@ class PrefixConditioning(Conditioning):
     def positions(self, prefix_length: int) -> int:
         return prefix_length
 
-    def lm_inputs(self, decoder: MNICDecoder, condition: torch.Tensor, tokens: torch.Tensor,
+    def lm_inputs(self, decoder: MaskedCaptioner, condition: torch.Tensor, tokens: torch.Tensor,
                   attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         batch, length, k = tokens.shape[0], tokens.shape[1], condition.shape[1]
         inputs = torch.cat([condition, tokens], dim=1)  # (B, k+T, E)
@@ -73,7 +85,7 @@ class AddConditioning(Conditioning):
     def positions(self, prefix_length: int) -> int:
         return 0
 
-    def lm_inputs(self, decoder: MNICDecoder, condition: torch.Tensor, tokens: torch.Tensor,
+    def lm_inputs(self, decoder: MaskedCaptioner, condition: torch.Tensor, tokens: torch.Tensor,
                   attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         return tokens + condition, attention, {}  # (B, T, E): condition broadcast over positions
 
@@ -91,11 +103,11 @@ class LengthMode:
 
     name: ClassVar[str]
 
-    def kept_special_tokens(self, decoder: MNICDecoder) -> set[int]:
+    def kept_special_tokens(self, decoder: MaskedCaptioner) -> set[int]:
         """Special tokens that generation may still produce."""
         raise NotImplementedError
 
-    def target_rows(self, decoder: MNICDecoder, encoded: list[list[int]]
+    def target_rows(self, decoder: MaskedCaptioner, encoded: list[list[int]]
                     ) -> tuple[list[list[int]], int, bool]:
         """Token rows, their padded width T, and whether every position (padding included) is a
         target."""
@@ -105,12 +117,12 @@ class LengthMode:
         """(B, T) bool caption positions -> (B, T) positions attended to."""
         raise NotImplementedError
 
-    def length_loss(self, decoder: MNICDecoder, features: torch.Tensor, captions: list[str]
+    def length_loss(self, decoder: MaskedCaptioner, features: torch.Tensor, captions: list[str]
                     ) -> dict[str, torch.Tensor]:
         """The length classifier's loss parts (empty when there is none)."""
         raise NotImplementedError
 
-    def lengths(self, decoder: MNICDecoder, features: torch.Tensor, beam: int) -> torch.Tensor:
+    def lengths(self, decoder: MaskedCaptioner, features: torch.Tensor, beam: int) -> torch.Tensor:
         """The candidate lengths to decode per image, best first: (B, l) long."""
         raise NotImplementedError
 
@@ -118,10 +130,10 @@ class LengthMode:
 class PredictedLength(LengthMode):
     name = "predict"
 
-    def kept_special_tokens(self, decoder: MNICDecoder) -> set[int]:
+    def kept_special_tokens(self, decoder: MaskedCaptioner) -> set[int]:
         return set()
 
-    def target_rows(self, decoder: MNICDecoder, encoded: list[list[int]]
+    def target_rows(self, decoder: MaskedCaptioner, encoded: list[list[int]]
                     ) -> tuple[list[list[int]], int, bool]:
         rows = [ids[: decoder.max_length] for ids in encoded]
         if any(len(row) == 0 for row in rows):
@@ -131,7 +143,7 @@ class PredictedLength(LengthMode):
     def attention(self, valid: torch.Tensor) -> torch.Tensor:
         return valid
 
-    def length_loss(self, decoder: MNICDecoder, features: torch.Tensor, captions: list[str]
+    def length_loss(self, decoder: MaskedCaptioner, features: torch.Tensor, captions: list[str]
                     ) -> dict[str, torch.Tensor]:
         logits = decoder.length_logits(features)  # (B, max_length+1)
         targets = decoder.caption_lengths(captions)  # (B,)
@@ -139,7 +151,7 @@ class PredictedLength(LengthMode):
         return {"length_loss": F.cross_entropy(logits, targets),
                 "length_accuracy": accuracy.detach()}
 
-    def lengths(self, decoder: MNICDecoder, features: torch.Tensor, beam: int) -> torch.Tensor:
+    def lengths(self, decoder: MaskedCaptioner, features: torch.Tensor, beam: int) -> torch.Tensor:
         beam = max(1, min(int(beam), decoder.max_length))
         return decoder.length_logits(features).topk(beam, dim=-1).indices  # (B, l)
 
@@ -147,10 +159,10 @@ class PredictedLength(LengthMode):
 class FixedLength(LengthMode):
     name = "fixed"
 
-    def kept_special_tokens(self, decoder: MNICDecoder) -> set[int]:
+    def kept_special_tokens(self, decoder: MaskedCaptioner) -> set[int]:
         return {decoder.end_token_id, decoder.pad_token_id}
 
-    def target_rows(self, decoder: MNICDecoder, encoded: list[list[int]]
+    def target_rows(self, decoder: MaskedCaptioner, encoded: list[list[int]]
                     ) -> tuple[list[list[int]], int, bool]:
         rows = [ids[: decoder.max_length - 1] + [decoder.end_token_id] for ids in encoded]
         return rows, decoder.max_length, True
@@ -158,11 +170,11 @@ class FixedLength(LengthMode):
     def attention(self, valid: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(valid)
 
-    def length_loss(self, decoder: MNICDecoder, features: torch.Tensor, captions: list[str]
+    def length_loss(self, decoder: MaskedCaptioner, features: torch.Tensor, captions: list[str]
                     ) -> dict[str, torch.Tensor]:
         return {}
 
-    def lengths(self, decoder: MNICDecoder, features: torch.Tensor, beam: int) -> torch.Tensor:
+    def lengths(self, decoder: MaskedCaptioner, features: torch.Tensor, beam: int) -> torch.Tensor:
         return torch.full((features.shape[0], 1), decoder.max_length, device=decoder.device)
 
 

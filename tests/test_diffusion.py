@@ -456,15 +456,15 @@ def test_embedded_preset_entry_builds(tmp_path):
 @pytest.mark.parametrize("done", [1, 2, 3, 4])
 def test_refine_renoises_the_least_confident_share_of_the_span(tmp_path, done):
     """floor(n (K - k) / K) positions of the span restart at t = T, the rest are committed."""
-    from diffusion_captioner.diffusion.samplers import RefineSampler, SamplingRun, sampler_for
+    from diffusion_captioner.diffusion.samplers import RefineSampler, sampler_for
 
     decoder = build_tiny(tmp_path)
     batch, length = 3, decoder.max_length
     x0_hat = torch.randn(batch, length, decoder.word_embeddings.shape[1])  # (B, L, E)
     spans = torch.tensor([length, 5, 1])  # (B,)
     table = decoder.diffusion_table()
-    run = SamplingRun(decoder, decoder.schedule.inference_timesteps(5), None, spans,
-                      lambda: torch.zeros_like(x0_hat))
+    run = decoder.sampling_run(decoder.schedule.inference_timesteps(5), None, spans,
+                               lambda: torch.zeros_like(x0_hat))
     x_t, t = RefineSampler().next_input(run, x0_hat, x0_hat, torch.full((batch,), 1), done)
     noisy = t == decoder.schedule.steps  # (B, L)
     assert noisy.sum(-1).tolist() == [int(n) * (5 - done) // 5 for n in spans]

@@ -653,6 +653,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         return z
 
     # ---------------------------------------------------------------- generation
+    def sampling_run(self, timesteps: list[int], table: torch.Tensor | None,
+                     lengths: torch.Tensor | None, noise: Callable[[], torch.Tensor],
+                     temperature: float = 1.0) -> SamplingRun:
+        """What a sampler needs of this decoder for one ``generate`` call (not the decoder)."""
+        return SamplingRun(self.schedule, self.lm_logits, self.embed,
+                           (self.end_token_id, self.pad_token_id), timesteps, table, lengths,
+                           noise, temperature)
+
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,
                    self_cond: torch.Tensor | None,
@@ -727,7 +735,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
                                      self.pad_token_id)  # (B, L)
             clean_suffix = self.embed(suffix_ids)  # (B, L, E)
-        run = SamplingRun(self, timesteps, table, lengths, gaussian, tau)
+        run = self.sampling_run(timesteps, table, lengths, gaussian, tau)
         x0_hat, previous = x_t, None
         per_step: list[list[str]] = []
         for i in range(len(timesteps)):

@@ -25,24 +25,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from diffusion_captioner.diffusion.schedule import StepMode, clamp_to_vocabulary
-
-if TYPE_CHECKING:
-    from diffusion_captioner.diffusion.decoder import DiffusionDecoder
+from diffusion_captioner.diffusion.schedule import NoiseSchedule, StepMode, clamp_to_vocabulary
 
 SamplerName = Literal["feed", "ddim", "renoise", "refine"]
 
 
 @dataclass
 class SamplingRun:
-    """What one ``generate`` call shares with its sampler.
+    """What one ``generate`` call shares with its sampler (never the decoder itself).
 
     Attributes:
-        decoder: the decoder (its schedule, LM head and special-token ids).
+        schedule: the noise schedule (its ``step`` and T).
+        logits: the LM head, x_0 vectors (B, L, E) -> word logits (B, L, V).
+        embed: word ids (B, L) -> their clean x_0 vectors (B, L, E).
+        stop_ids: the ids that end a caption (end token, pad).
         timesteps: the K timesteps, T first.
         table: (V, E) word vectors in diffusion space when clamping, else None.
         lengths: (B,) predicted caption lengths (length head), or None.
@@ -50,7 +50,10 @@ class SamplingRun:
         temperature: tau; a position at t = T carries tau * eps (the decoder's T state).
     """
 
-    decoder: DiffusionDecoder
+    schedule: NoiseSchedule
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    stop_ids: tuple[int, ...]
     timesteps: list[int]
     table: torch.Tensor | None
     lengths: torch.Tensor | None
@@ -82,7 +85,7 @@ class ScheduleStepSampler(Sampler):
         target = clamp_to_vocabulary(x0_hat, run.table) if run.table is not None else x0_hat
         t_next = torch.full_like(t, run.timesteps[done])  # (B,) or (B, L)
         noise = self.fresh_noise(run)
-        x_next = run.decoder.schedule.step(target, x_t, t, t_next, self.mode, noise)  # (B, L, E)
+        x_next = run.schedule.step(target, x_t, t, t_next, self.mode, noise)  # (B, L, E)
         return x_next, t_next
 
 
@@ -111,15 +114,16 @@ class RefineSampler(Sampler):
         """The span n is the predicted lengths when given, else up to the first predicted
         end/pad word (plus that word); positions after it keep their words. Returns x_t
         (B, L, E) and per-position timesteps (B, L)."""
-        decoder, total = run.decoder, len(run.timesteps)
+        total = len(run.timesteps)
         restart = run.temperature * run.noise()  # (B, L, E), the T state
         batch, length, _ = x0_hat.shape
-        probabilities = decoder.lm_logits(x0_hat).float().softmax(-1)  # (B, L, V)
+        probabilities = run.logits(x0_hat).float().softmax(-1)  # (B, L, V)
         confidence, words = probabilities.max(-1)  # (B, L), (B, L)
         positions = torch.arange(length, device=x0_hat.device)  # (L,)
         span = run.lengths
         if span is None:
-            stop = (words == decoder.end_token_id) | (words == decoder.pad_token_id)  # (B, L)
+            stops = torch.tensor(run.stop_ids, device=words.device)  # (S,)
+            stop = torch.isin(words, stops)  # (B, L)
             first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
             span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
         redo = span * (total - done) // total  # (B,)
@@ -127,8 +131,8 @@ class RefineSampler(Sampler):
         order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
         rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
         noisy = rank < redo[:, None]  # (B, L)
-        t_next = torch.where(noisy, decoder.schedule.steps, 0).long()  # (B, L)
-        committed = decoder.embed(words)  # (B, L, E)
+        t_next = torch.where(noisy, run.schedule.steps, 0).long()  # (B, L)
+        committed = run.embed(words)  # (B, L, E)
         return torch.where(noisy[..., None], restart, committed), t_next
 
 
