@@ -17,7 +17,7 @@ from pathlib import Path
 def main(run: str = "runs/embedded-clipcap-diffusion-mnic-nearest") -> int:
     import torch
 
-    from diffusion_captioner.compare import prepare_features
+    from diffusion_captioner.comparison import prepare_features
     from eval.coco_format import load_results
     from registry import build, resolve
 

@@ -16,8 +16,7 @@ The Python API (the ``dcap`` commands as functions, :mod:`diffusion_captioner.ap
     dc.export("runs/mine", "shared/mine")           # `dcap export`: a shareable folder + model card
 
 Nothing heavy is imported until a function is used: ``import diffusion_captioner`` loads no
-torch. ``dc.compare`` is the module :mod:`diffusion_captioner.compare`, which is callable and
-runs :func:`diffusion_captioner.api.compare` (a submodule of that name would shadow a function).
+torch.
 """
 
 from __future__ import annotations
@@ -28,14 +27,12 @@ from typing import Any
 __all__ = ["Components", "CompareResult", "Evaluation", "Run", "available", "compare",
            "evaluate", "export", "list_components", "load_run"]
 
-_API = {"Components", "CompareResult", "Evaluation", "Run", "available", "evaluate", "export",
-        "list_components", "load_run"}
+_API = {"Components", "CompareResult", "Evaluation", "Run", "available", "compare", "evaluate",
+        "export", "list_components", "load_run"}
 
 
 def __getattr__(name: str) -> Any:
     """Import the API on first use (PEP 562), so that importing the package stays cheap."""
-    if name == "compare":  # the callable module (see the module docstring)
-        return importlib.import_module("diffusion_captioner.compare")
     if name in _API:
         return getattr(importlib.import_module("diffusion_captioner.api"), name)
     raise AttributeError(f"module 'diffusion_captioner' has no attribute {name!r}")

@@ -36,7 +36,7 @@ ROLES = ("decoder", "encoder", "dataset")
 
 def _include(include_package: Any) -> None:
     import registry
-    from diffusion_captioner.cli import as_list
+    from diffusion_captioner.arguments import as_list
 
     for package in as_list(include_package):
         registry.include_package(package)
@@ -171,8 +171,8 @@ def compare(
     """
     arguments = dict(locals())
     import registry
-    from diffusion_captioner import compare as compare_module
-    from diffusion_captioner.cli import as_dict, as_list, dataset_config
+    from diffusion_captioner import comparison as compare_module
+    from diffusion_captioner.arguments import as_dict, as_list, dataset_config
 
     _include(include_package)
     if dataset is None and data_dir is not None:  # the preset's dataset, under --data-dir
@@ -216,7 +216,7 @@ class Run(LoadedRun):
         return list(self.decoders)
 
     def _select(self, decoders: Any) -> list[str]:
-        from diffusion_captioner.cli import as_list
+        from diffusion_captioner.arguments import as_list
 
         names = as_list(decoders) or self.names
         unknown = [n for n in names if n not in self.decoders]
@@ -296,7 +296,7 @@ def load_run(run: str | Path, decoders: Any = None, device: str = "cpu",
     ``decoders`` picks a subset (a list or ``"a,b"``; default all).
     """
     from diffusion_captioner import inference
-    from diffusion_captioner.cli import as_list
+    from diffusion_captioner.arguments import as_list
 
     _include(include_package)
     loaded = inference.load_run(run, as_list(decoders) or None, device=device)

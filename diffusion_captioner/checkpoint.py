@@ -33,15 +33,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+from torch import nn
 
 from diffusion_captioner.errors import ComponentError
 
-if TYPE_CHECKING:
-    from registry import CaptionDecoder
+#: A ``registry.CaptionDecoder`` (typed loosely here: this module must not import the registry).
+Decoder = nn.Module
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ WEIGHTS_NAME = "model.safetensors"
 GENERATION_NAME = "generation.json"
 
 
-def save_decoder(decoder: CaptionDecoder, directory: str | Path) -> Path:
+def save_decoder(decoder: Decoder, directory: str | Path) -> Path:
     """Write ``decoder`` to ``directory`` (replacing any previous checkpoint there, atomically)."""
     target = Path(directory).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,10 +125,10 @@ def _summarise(keys: list[str], limit: int = 4) -> str:
 
 def load_decoder(
     directory: str | Path,
-    expected_base: type[CaptionDecoder],
+    expected_base: type[Decoder],
     map_location: str | Any = "cpu",
     **overrides: Any,
-) -> CaptionDecoder:
+) -> Decoder:
     """Rebuild the decoder saved in ``directory`` (a subclass of ``expected_base``) and load its
     weights strictly.
 

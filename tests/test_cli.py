@@ -233,7 +233,7 @@ def test_decoder_config_must_name_decoders_of_the_run(capsys):
 
 def test_decoder_config_reaches_the_plan(monkeypatch, tmp_path):
     from diffusion_captioner import cli
-    from diffusion_captioner import compare as compare_module
+    from diffusion_captioner import comparison as compare_module
 
     seen = {}
 

@@ -377,7 +377,7 @@ def test_paper_embedded_preset_builds_and_trains(tmp_path):
 
 
 def test_preset_speed_block_is_checked():
-    from diffusion_captioner.compare import speed_options
+    from diffusion_captioner.comparison import speed_options
 
     assert speed_options({"batch_sizes": [1], "repeats": 1, "images": 2}, 5) == {
         "repeats": 1, "batch_sizes": (1,), "images": 2}

@@ -67,7 +67,7 @@ class Stop(Exception):
 
 
 def test_a_rerun_with_another_dataset_fails_naming_what_differs(tmp_path, monkeypatch):
-    from diffusion_captioner import compare as compare_module
+    from diffusion_captioner import comparison as compare_module
 
     def stop(*_, **__):
         raise Stop  # the first run gets as far as its features, as an interrupted run would

@@ -165,7 +165,7 @@ def test_an_unknown_generation_option_fails_at_plan_time_naming_the_accepted(nam
     import json
     import time
 
-    from diffusion_captioner.compare import compare
+    from diffusion_captioner.comparison import compare
 
     preset = tmp_path / "typo.json"
     preset.write_text(json.dumps({"include": ["embedded"],

@@ -11,12 +11,10 @@ A decoder whose ``summary.json`` exists is not trained or scored again, so rerun
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shlex
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,22 +306,3 @@ def compare(
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(render_html(markdown, out))
     return metrics
-
-
-class _CallableModule(types.ModuleType):
-    """Once imported, this module is the package attribute ``diffusion_captioner.compare``, the
-    name the Python API gives its compare: calling the module runs :func:`api.compare`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from diffusion_captioner.api import compare as api_compare
-
-        return api_compare(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        from diffusion_captioner.api import compare as api_compare
-
-        return inspect.signature(api_compare)
-
-
-sys.modules[__name__].__class__ = _CallableModule
