@@ -159,3 +159,27 @@ def test_the_project_has_no_import_cycles():
 
     cycles = [cycle for name in sorted(graph) if (cycle := cycle_from(name))]
     assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_readme_plugin_example_runs_as_written(clean_registry, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Add your own decoder"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    package = tmp_path / "my_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "my_decoders.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    clean_registry.include_package("my_pkg.my_decoders")
+    decoder = clean_registry.build("decoder", {"type": "echo", "word": "circle"},
+                                   feature_dim=FEATURE_DIM)
+    assert decoder.config == {"feature_dim": FEATURE_DIM, "word": "circle"}
+    features = torch.zeros(2, FEATURE_DIM)
+    assert decoder.generate(features) == ["a circle", "a circle"]
+    assert decoder.generate(features, shout=True) == ["A CIRCLE", "A CIRCLE"]
+    with pytest.raises(ValueError, match="has no generation option shuot; it takes: shout"):
+        type(decoder).check_generate_options({"shuot": True})
+    assert decoder.loss({"features": features, "captions": ["a", "b"]})["loss"].dim() == 0
+    decoder.save_pretrained(tmp_path / "checkpoint")
+    loaded = CaptionDecoder.from_pretrained(tmp_path / "checkpoint")
+    assert loaded.config == decoder.config and loaded.generate(features) == ["a circle"] * 2
