@@ -9,7 +9,6 @@ options (from ``<decoder>/summary.json``) on the cached test features, and compa
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,21 +17,21 @@ def main(run: str = "runs/embedded-clipcap-diffusion-mnic-nearest") -> int:
     import torch
 
     from diffusion_captioner.comparison import prepare_features
-    from eval.coco_format import load_results
-    from registry import build, resolve
+    from diffusion_captioner.inference import load_best
+    from diffusion_captioner.run_folder import RunFolder
+    from registry import build
 
-    folder = Path(run)
-    config = json.loads((folder / "config.json").read_text())
-    torch.set_num_threads(int(config.get("threads") or 1))
-    dataset = build("dataset", config["dataset"])
-    encoder = build("encoder", config["encoder"])
-    test = prepare_features(dataset, encoder, config.get("cache_dir"), progress=False).splits["test"]
+    folder = RunFolder(Path(run))
+    config = folder.read_config()
+    torch.set_num_threads(int(config.threads or 1))
+    dataset = build("dataset", config.dataset)
+    encoder = build("encoder", config.encoder)
+    test = prepare_features(dataset, encoder, config.cache_dir, progress=False).splits["test"]
     failed = False
-    for name in config["decoders"]:
-        summary = json.loads((folder / name / "summary.json").read_text())
-        decoder_class = resolve("decoder", summary["decoder"]["type"])
-        decoder = decoder_class.from_pretrained(folder / name / "checkpoint" / "best")
-        recorded = load_results(folder / name / "results_test.json")
+    for name, plan in config.decoders.items():
+        summary = folder.decoder(name).read_summary()
+        decoder = load_best(folder, name, plan)
+        recorded = folder.decoder(name).read_results()
         captions = decoder.generate(test.features, **summary["generate"])
         now = dict(zip(test.image_ids, captions, strict=True))
         differ = [i for i in recorded if recorded[i] != now[i]]

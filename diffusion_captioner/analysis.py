@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.inference import load_run
+from diffusion_captioner.run_folder import RunFolder
 from eval.significance import paired_bootstrap, paired_scores
 from eval.speed import (
     benchmark_decoder,
@@ -33,11 +34,13 @@ BENCH_BATCHES = (1, 4, 16, 64)
 BENCH_IMAGES = 16
 
 
-def significance(run: Path, names: list[str], resamples: int = 2000) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of every decoder against the first on per-image CIDEr and BLEU-4."""
+def significance(per_image: dict[str, dict[str, dict[Any, float]]], resamples: int = 2000
+                 ) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of every decoder against the first on per-image CIDEr and BLEU-4;
+    ``per_image[decoder][metric][image_id]`` (ids as ints or as JSON's strings)."""
+    names = list(per_image)
     if len(names) < 2:
         return {}
-    per_image = {n: json.loads((run / n / "metrics.json").read_text())["per_image"] for n in names}
     baseline = names[0]
     out: dict[str, dict[str, Any]] = {}
     for name in names[1:]:
@@ -150,9 +153,9 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
     ``threads`` defaults to the thread count the run was made with, so the figures match its
     report."""
     check_image_count(images)  # before the run's models are loaded
-    run = Path(run)
-    loaded = load_run(run, names, device=device)
-    config = json.loads((run / "config.json").read_text())
+    folder = RunFolder(Path(run))
+    loaded = load_run(folder.root, names, device=device)
+    config = folder.read_config().to_dict()
     threads = threads if threads is not None else config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -160,19 +163,18 @@ def bench_run(run: str | Path, device: str = "cpu", repeats: int = 5,
     result = bench_decoders(loaded.decoders, loaded.generate_options, features, device, repeats,
                             batch_sizes=batch_sizes, images=images,
                             compile_backend=compile_backend, steps=steps)
-    (run / speed_file(compile_backend)).write_text(json.dumps(result, indent=2))
+    (folder.root / speed_file(compile_backend)).write_text(json.dumps(result, indent=2))
     return result
 
 
-def examples(run: Path, dataset, test: SplitFeatures, names: list[str], decoders: dict,
-             generate_options: dict, count: int = 4) -> list[dict[str, Any]]:
-    """A few test images (thumbnails under ``run/examples``) with every decoder's caption and the
-    caption after every step for the decoders that return a trajectory."""
-    folder = run / "examples"
+def examples(folder: Path, dataset, test: SplitFeatures, results: dict[str, dict[int, str]],
+             decoders: dict, generate_options: dict, count: int = 4) -> list[dict[str, Any]]:
+    """A few test images (thumbnails under ``folder``, the run's ``examples/``) with every
+    decoder's caption (``results[decoder][image_id]``) and the caption after every step for the
+    decoders that return a trajectory."""
     folder.mkdir(exist_ok=True)
+    names = list(results)
     rows = [round(i * (len(test.records) - 1) / max(1, count - 1)) for i in range(count)]
-    results = {n: {r["image_id"]: r["caption"] for r in
-                   json.loads((run / n / "results_test.json").read_text())} for n in names}
     out = []
     for position, row in enumerate(rows):
         record = test.records[row]

@@ -26,17 +26,24 @@ from diffusion_captioner import analysis
 from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.hub import check_available
-from diffusion_captioner.inference import generate_captions, load_run
+from diffusion_captioner.inference import generate_captions, load_best
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.report import render_html, render_markdown
+from diffusion_captioner.run_folder import (
+    DecoderPlan,
+    DecoderSummary,
+    RunConfig,
+    RunFolder,
+    RunMetrics,
+)
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
-from eval.coco_format import load_results, write_annotations, write_results
+from eval.coco_format import write_annotations, write_results
 from eval.metrics import ALL_METRICS, find_java, score_captions
 from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
 from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
-from registry import build, registered_name, resolve
+from registry import CaptionDecoder, build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -126,67 +133,77 @@ def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json
             f"{path}); pass a new --out to train with these, or delete {folder}")
 
 
-def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
-                clip_prompt: str = "", progress: bool = True) -> dict[str, Any]:
-    """Train, generate and score one decoder into ``out/<name>``; returns its summary.
+@dataclass
+class DecoderOutcome:
+    """What :func:`run_decoder` gives: the summary and, when it trained or scored now, the best
+    decoder, its default test captions and per-image scores, kept in memory for the report."""
+
+    summary: DecoderSummary
+    decoder: CaptionDecoder | None = None
+    results: dict[int, str] | None = None
+    per_image: dict[str, dict[int, float]] | None = None
+
+
+def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
+                clip_prompt: str = "", progress: bool = True) -> DecoderOutcome:
+    """Train, generate and score one decoder into ``out/<name>``.
 
     Only the decoder and train settings bind a folder (``plan.json``): other generation options
     than the summary's reuse the trained checkpoint and score it again."""
-    folder = out / name
-    check_same_plan(folder, {"decoder": plan["decoder"], "train": plan["train"]})
-    if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
-        if summary.get("generate") == plan["generate"]:
-            logger.info("%s: already trained and scored (%s)", name, folder / "summary.json")
-            return summary
+    folder = out.decoder(name)
+    check_same_plan(folder.root, {"decoder": plan.decoder, "train": plan.train})
+    summary = folder.read_summary()
+    if summary is not None:
+        if summary.get("generate") == plan.generate:
+            logger.info("%s: already trained and scored (%s)", name, folder.summary)
+            return DecoderOutcome(summary)
         logger.info("%s: generation options changed: scoring the trained checkpoint again", name)
-    folder.mkdir(parents=True, exist_ok=True)
-    train_cfg = TrainConfig.from_dict(plan["train"])
+    folder.root.mkdir(parents=True, exist_ok=True)
+    train_cfg = TrainConfig.from_dict(plan.train)
     train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
     torch.manual_seed(train_cfg.seed)
-    decoder = build("decoder", plan["decoder"], feature_dim=work.encoder.dim)
+    decoder = build("decoder", plan.decoder, feature_dim=work.encoder.dim)
     trainer = Trainer(decoder, CaptionPairs.from_split(train), CaptionPairs.from_split(val),
-                      train_cfg, folder, progress=progress)
+                      train_cfg, folder.root, progress=progress)
     state = trainer.fit(resume=True)
     parameters = count_parameters(decoder)
     best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
 
     references = {r.image_id: list(r.captions) for r in test.records}
-    default, *sweep = analysis.sweep_options(best, plan["generate"])
+    default, *sweep = analysis.sweep_options(best, plan.generate)
     step_option = best.capabilities.step_option
-    evaluations = [("default", default, ALL_METRICS)] + [
-        (str(options[step_option]), options, SWEEP_METRICS) for options in sweep]
+    evaluations = [(None, default, ALL_METRICS)] + [
+        (options[step_option], options, SWEEP_METRICS) for options in sweep]
     runs: dict[str, Any] = {}
     default_results: dict[int, str] = {}
-    for key, options, metric_names in evaluations:
+    per_image: dict[str, dict[int, float]] = {}
+    for steps, options, metric_names in evaluations:
         captions, seconds = generate_captions(best, test.features, **options)
         results = dict(zip(test.image_ids, captions, strict=True))
-        write_results(folder / ("results_test.json" if key == "default"
-                                else f"results_test_k{key}.json"), results)
+        write_results(folder.results(steps), results)
         report = score_captions(results, references, metrics=metric_names)
-        if key == "default":
-            report.write(folder / "metrics.json")
-            default_results = results
-        runs[key] = {"options": options, "scores": report.scores, "skipped": report.skipped,
-                     "generate_seconds": round(seconds, 3),
-                     "ms_per_image": round(1000 * seconds / len(captions), 3)}
+        if steps is None:
+            report.write(folder.metrics)
+            default_results, per_image = results, report.per_image
+        runs["default" if steps is None else str(steps)] = {
+            "options": options, "scores": report.scores, "skipped": report.skipped,
+            "generate_seconds": round(seconds, 3),
+            "ms_per_image": round(1000 * seconds / len(captions), 3)}
 
     clip = score_with_encoder(work.encoder, test.features, test.image_ids, default_results,
                               references, prompt=clip_prompt)
-    (folder / "clipscore.json").write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
-    summary = {
-        "decoder": plan["decoder"], "registered_as": registered_name(type(best)),
-        "train": plan["train"], "generate": plan["generate"],
-        "parameters": parameters,
-        "train_steps": state.step, "train_seconds": round(state.elapsed_seconds, 1),
-        "best_val_loss": state.best_val_loss,
-        "test": runs,
-        "clip_scores": {k: v for k, v in clip.items() if k != "per_image"},
-        "caption_stats": caption_statistics(
+    folder.clipscore.write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
+    summary = DecoderSummary(
+        decoder=plan.decoder, registered_as=registered_name(type(best)),
+        train=plan.train, generate=plan.generate, parameters=parameters,
+        train_steps=state.step, train_seconds=round(state.elapsed_seconds, 1),
+        best_val_loss=state.best_val_loss, test=runs,
+        clip_scores={k: v for k, v in clip.items() if k != "per_image"},
+        caption_stats=caption_statistics(
             list(default_results.values()), (c for r in train.records for c in r.captions)),
-    }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    )
+    folder.summary.write_text(json.dumps(summary, indent=2, default=str))
+    return DecoderOutcome(summary, best, default_results, per_image)
 
 
 def compare(
@@ -214,7 +231,8 @@ def compare(
     little from a second and slow down badly when another process holds a core.
     """
     find_java()  # METEOR and the PTB tokenizer need it: fail now, not after training
-    out = Path(out)
+    run = RunFolder(Path(out))
+    out = run.root
     out.mkdir(parents=True, exist_ok=True)
     plan = load_preset(preset)
     threads = threads if threads is not None else plan.get("threads")
@@ -222,29 +240,28 @@ def compare(
         torch.set_num_threads(int(threads))
     dataset_cfg = dataset or plan.get("dataset", {"type": "shapes"})
     encoder_cfg = encoder_config(encoder if encoder is not None else plan.get("encoder"))
-    plans = {}
+    plans: dict[str, DecoderPlan] = {}
     for name in decoders:
-        plans[name] = decoder_plan(plan, name)
-        plans[name]["train"].update(train_overrides or {})
-        plans[name]["decoder"].update((decoder_overrides or {}).get(name, {}))
-    config = {
-        "command": command or shlex.join(["dcap", *sys.argv[1:]]),
-        "preset": preset, "dataset": dataset_cfg, "encoder": encoder_cfg, "decoders": plans,
-        "device": device, "cache_dir": str(cache_dir) if cache_dir else None,
-        "threads": torch.get_num_threads(),
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+        entry = decoder_plan(plan, name)
+        plans[name] = DecoderPlan(
+            {**entry["decoder"], **(decoder_overrides or {}).get(name, {})},
+            {**entry["train"], **(train_overrides or {})}, entry["generate"])
+    config = RunConfig(
+        command=command or shlex.join(["dcap", *sys.argv[1:]]), preset=preset,
+        dataset=dataset_cfg, encoder=encoder_cfg, decoders=plans, device=device,
+        cache_dir=str(cache_dir) if cache_dir else None, threads=torch.get_num_threads())
+    run.write_config(config)
     # the original CLIP-DiffusionLM code's BLEU-4, when the preset asks for it (``paper``):
     # its tokenizer is loaded now, so an offline machine fails before any training
-    classes = {name: resolve("decoder", p["decoder"]["type"]) for name, p in plans.items()}
+    classes = {name: resolve("decoder", p.decoder["type"]) for name, p in plans.items()}
     for name, p in plans.items():  # a configuration that cannot work fails before any work
-        classes[name].check_config(p["decoder"])
-        classes[name].check_generate_options(p["generate"], p["decoder"])
+        classes[name].check_config(p.decoder)
+        classes[name].check_generate_options(p.generate, p.decoder)
     speed = speed_options(plan.get("speed"), bench_repeats)
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named
     check_available(
-        [req for name, p in plans.items() for req in classes[name].hub_models(p["decoder"])]
+        [req for name, p in plans.items() for req in classes[name].hub_models(p.decoder)]
         + ([(str(protocol["tokenizer"]), "tokenizer")] if protocol.get("tokenizer") else []),
         [] if str(encoder_cfg.get("model", "")).startswith(EMBEDDED_PREFIX)
         else [(str(encoder_cfg.get("model")), encoder_cfg.get("pretrained"))])
@@ -256,7 +273,7 @@ def compare(
                              f"batch_size; got {', '.join(sorted(protocol))}")
         bleu_tokenizer = load_paper_bleu_tokenizer(protocol.pop("tokenizer"))
 
-    needs_text = any(classes[name].uses_text_features(p["decoder"]) for name, p in plans.items())
+    needs_text = any(classes[name].uses_text_features(p.decoder) for name, p in plans.items())
     dataset_obj = build("dataset", dataset_cfg)
     encoder_obj = build("encoder", {**encoder_cfg, "device": device})
     check_same_plan(out, {
@@ -265,44 +282,49 @@ def compare(
     }, record="inputs.json")
     work = prepare_features(dataset_obj, encoder_obj, cache_dir, progress, needs_text)
     test = work.splits["test"]
-    write_annotations(out / "annotations_test.json",
-                      {r.image_id: list(r.captions) for r in test.records})
+    write_annotations(run.annotations, {r.image_id: list(r.captions) for r in test.records})
     prompt = clipscore_prompt(encoder_cfg)
-    summaries = {name: run_decoder(name, plans[name], work, out, prompt, progress)
-                 for name in plans}
-
-    names = list(summaries)
+    outcomes = {name: run_decoder(name, plans[name], work, run, prompt, progress)
+                for name in plans}
+    # what was trained or scored now stays in memory; only resumed decoders are read back
+    names = list(outcomes)
+    best = {name: o.decoder if o.decoder is not None
+            else load_best(run, name, plans[name], device) for name, o in outcomes.items()}
+    results = {name: o.results if o.results is not None else run.decoder(name).read_results()
+               for name, o in outcomes.items()}
+    per_image = {name: o.per_image if o.per_image is not None
+                 else run.decoder(name).read_per_image() for name, o in outcomes.items()}
+    summaries = {name: o.summary for name, o in outcomes.items()}
+    generate_options = {name: plans[name].generate for name in names}
     if bleu_tokenizer is not None:
         references = {r.image_id: list(r.captions) for r in test.records}
         for name in names:
-            results = load_results(out / name / "results_test.json")
-            summaries[name]["paper_bleu"] = paper_bleu(results, references, bleu_tokenizer,
+            summaries[name]["paper_bleu"] = paper_bleu(results[name], references, bleu_tokenizer,
                                                        **protocol)
-    loaded = load_run(out, names, device=device)
-    metrics: dict[str, Any] = {
-        "dataset": dataset_cfg, "encoder": {**encoder_cfg, "fingerprint": work.encoder.fingerprint},
-        "test_images": len(test.records),
-        "skipped_images": {s: len(f.skipped) for s, f in work.splits.items()},
-        "decoders": summaries,
-        "significance": analysis.significance(out, names),
-        "speed": {} if speed is None else analysis.bench_decoders(
-            loaded.decoders, loaded.generate_options, test.features, device, **speed),
-        "speed_off": speed is None,
-        "examples": analysis.examples(out, work.dataset, test, names, loaded.decoders,
-                                      loaded.generate_options),
-    }
+    metrics = RunMetrics(
+        dataset=dataset_cfg, encoder={**encoder_cfg, "fingerprint": work.encoder.fingerprint},
+        test_images=len(test.records),
+        skipped_images={s: len(f.skipped) for s, f in work.splits.items()},
+        decoders=summaries,
+        significance=analysis.significance(per_image),
+        speed={} if speed is None else analysis.bench_decoders(
+            best, generate_options, test.features, device, **speed),
+        speed_off=speed is None,
+        examples=analysis.examples(run.examples, work.dataset, test, results, best,
+                                   generate_options),
+    )
     if metrics["speed"]:
-        (out / "speed.json").write_text(json.dumps(metrics["speed"], indent=2))
+        run.speed.write_text(json.dumps(metrics["speed"], indent=2))
     logs = {}
     for name in names:
-        with jsonlines.open(out / name / "train_log.jsonl") as log:
+        with jsonlines.open(run.decoder(name).train_log) as log:
             logs[name] = list(log)
     written = [plot_quality_vs_steps(summaries, out / "quality_vs_steps.png"),
                plot_latency_vs_batch(metrics["speed"], out / "latency_vs_batch.png"),
                plot_training_curves(logs, out / "training_curves.png")]
     metrics["plots"] = [p.name for p in written if p is not None]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    markdown = render_markdown(config, metrics)
-    (out / "report.md").write_text(markdown)
-    (out / "report.html").write_text(render_html(markdown, out))
+    run.metrics.write_text(json.dumps(metrics, indent=2, default=str))
+    markdown = render_markdown(config.to_dict(), metrics)
+    run.report.write_text(markdown)
+    run.report_html.write_text(render_html(markdown, out))
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from diffusion_captioner.images import BadImageError, load_rgb
+from diffusion_captioner.run_folder import DecoderPlan, RunFolder
 from registry import CaptionDecoder, ImageEncoder, build, resolve
 
 logger = logging.getLogger(__name__)
@@ -50,25 +50,27 @@ def load_run(run: str | Path, names: list[str] | None = None, device: str = "cpu
     from diffusion_captioner.sharing import encoder_config_of, resolve_run
 
     run = resolve_run(run)  # an exported run on the hub (``hf-hub:org/name``) -> its local copy
-    config_path = run / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"run folder {run}: no config.json; is it a `dcap compare` --out?")
-    config = json.loads(config_path.read_text())
-    encoder = build("encoder", {**encoder_config_of(run, config), "device": device})
-    names = names or list(config["decoders"])
-    decoders, options = {}, {}
-    for name in names:
-        if name not in config["decoders"]:
-            raise ValueError(f"run {run} has no decoder {name!r}; it has: "
-                             f"{', '.join(config['decoders'])}")
-        checkpoint = run / name / "checkpoint" / "best"
-        if not (checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"decoder {name}: no checkpoint at {checkpoint}; "
-                                    "rerun the compare command to finish training")
-        cls = resolve("decoder", config["decoders"][name]["decoder"]["type"])
-        decoders[name] = cls.from_pretrained(checkpoint).to(device).eval()
-        options[name] = config["decoders"][name].get("generate", {})
-    return LoadedRun(encoder, decoders, options)
+    folder = RunFolder(run)
+    config = folder.read_config()
+    encoder = build("encoder", {**encoder_config_of(run, config.to_dict()), "device": device})
+    names = names or list(config.decoders)
+    unknown = [name for name in names if name not in config.decoders]
+    if unknown:
+        raise ValueError(f"run {run} has no decoder {unknown[0]!r}; it has: "
+                         f"{', '.join(config.decoders)}")
+    decoders = {name: load_best(folder, name, config.decoders[name], device) for name in names}
+    return LoadedRun(encoder, decoders, {name: config.decoders[name].generate for name in names})
+
+
+def load_best(folder: RunFolder, name: str, plan: DecoderPlan, device: str = "cpu"
+              ) -> CaptionDecoder:
+    """Decoder ``name``'s best checkpoint in ``folder``, in eval mode on ``device``."""
+    checkpoint = folder.decoder(name).checkpoint
+    if not folder.decoder(name).has_checkpoint():
+        raise FileNotFoundError(f"decoder {name}: no checkpoint at {checkpoint}; "
+                                "rerun the compare command to finish training")
+    cls = resolve("decoder", plan.decoder["type"])
+    return cls.from_pretrained(checkpoint).to(device).eval()
 
 
 def caption_pixels(loaded: LoadedRun, pixels: torch.Tensor,

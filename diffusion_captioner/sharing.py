@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from diffusion_captioner.run_folder import RunFolder
 from registry import ComponentError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ FORMAT_VERSION = 1
 HF_PREFIX = "hf-hub:"
 ENCODER_DIR = "encoder"
 #: Files of the run folder an export carries besides the checkpoints (when they exist).
-RUN_FILES = ("inputs.json", "metrics.json", "report.md")
+RUN_FILES = ("inputs.json", "metrics.json", "report.md")  # RunFolder's inputs, metrics, report
 #: The metrics of the model card, pycocoevalcap's names then the CLIPScores, and their labels.
 CARD_METRICS = {"Bleu_1": "BLEU-1", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L",
                 "CIDEr": "CIDEr", "SPICE": "SPICE", "CLIPScore": "CLIP-S",
@@ -187,15 +188,16 @@ def export_run(run: str | Path, to: str | Path, push_to_hub: str | None = None) 
         check_repo_id(push_to_hub, "--push-to-hub")
         require_hub(push_to_hub)
     run, target = resolve_run(run), Path(to).expanduser()
-    config_path = run / "config.json"
-    if not config_path.is_file():
+    folder = RunFolder(run)
+    if not folder.config.is_file():
         raise FileNotFoundError(f"--run {run}: no config.json; is it a `dcap compare` --out?")
-    config = json.loads(config_path.read_text())
+    config = json.loads(folder.config.read_text())
     names = list(config["decoders"])
     for name in names:
-        if not (run / name / "checkpoint" / "best" / "config.json").is_file():
-            raise FileNotFoundError(f"decoder {name}: no checkpoint at {run / name / 'checkpoint' / 'best'}; "
-                                    "rerun the compare command to finish training, then export")
+        if not folder.decoder(name).has_checkpoint():
+            raise FileNotFoundError(f"decoder {name}: no checkpoint at "
+                                    f"{folder.decoder(name).checkpoint}; rerun the compare "
+                                    "command to finish training, then export")
     identity = run_identity(run)
     check_target(target, identity)
     target = target.resolve()
@@ -223,20 +225,21 @@ def _write_export(run: Path, out: Path, config: dict[str, Any], names: list[str]
         encoder, shipped = dict(config["encoder"]), True
     else:
         encoder, shipped = ship_encoder(config["encoder"], out)
-    (out / "config.json").write_text(json.dumps({**config, "encoder": encoder}, indent=2))
+    source, exported = RunFolder(run), RunFolder(out)
+    exported.config.write_text(json.dumps({**config, "encoder": encoder}, indent=2))
     for name in names:
-        shutil.copytree(run / name / "checkpoint" / "best", out / name / "checkpoint" / "best")
-        if (run / name / "summary.json").is_file():
-            shutil.copy2(run / name / "summary.json", out / name / "summary.json")
+        shutil.copytree(source.decoder(name).checkpoint, exported.decoder(name).checkpoint)
+        if source.decoder(name).summary.is_file():
+            shutil.copy2(source.decoder(name).summary, exported.decoder(name).summary)
     for file in RUN_FILES:
         if (run / file).is_file():
             shutil.copy2(run / file, out / file)
-    if (run / "report.md").is_file():
-        for link in _linked_files((run / "report.md").read_text()):
+    if source.report.is_file():
+        for link in _linked_files(source.report.read_text()):
             if (run / link).is_file():
                 (out / link).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run / link, out / link)
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+    metrics = source.read_metrics() if source.metrics.is_file() else None
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "run": identity, "decoders": names,
         "encoder": {"original": original_encoder, "shipped": shipped},

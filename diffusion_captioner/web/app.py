@@ -30,6 +30,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from diffusion_captioner.images import BadImageError, to_rgb
 from diffusion_captioner.inference import LoadedRun, generate_captions, load_run
+from diffusion_captioner.run_folder import RunFolder
 from registry import CaptionDecoder, DecoderKind, registered_name
 
 logger = logging.getLogger(__name__)
@@ -317,10 +318,7 @@ def create_app(run_dir: str | Path | None = None, *, loaded: LoadedRun | None = 
 def run_is_finished(run: str | Path, names: list[str]) -> bool:
     """Whether ``run`` is a complete ``dcap compare`` folder for ``names`` (report written and
     every decoder's best checkpoint present)."""
-    run = Path(run)
-    return ((run / "config.json").is_file() and (run / "report.md").is_file()
-            and all((run / name / "checkpoint" / "best" / "config.json").is_file()
-                    for name in names))
+    return RunFolder(Path(run)).is_finished(names)
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> None:
