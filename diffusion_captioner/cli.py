@@ -402,8 +402,16 @@ class Commands:
         device: str = "cpu",
         include_package: Any = None,
         quiet: bool = False,
+        workers: int = 2,
+        queue: int = 16,
+        timeout: float = 30.0,
     ) -> None:
         """Web page + JSON API: caption your own image with every decoder of a `compare` run.
+
+        Served by waitress (a production WSGI server, pure Python). At most --workers caption
+        requests run at once and --queue more wait; any beyond answer 503 with a JSON error at
+        once. A caption request not answered within --timeout seconds (waiting included)
+        answers 504 JSON. Uploads stay capped at 10 MB and 40 megapixels (413 / 400).
 
         Args:
             run: run folder (default: the embedded run ``runs/embedded-<every decoder>`` that
@@ -414,8 +422,15 @@ class Commands:
             device: ``cpu``, ``cuda``...
             include_package: module(s) whose decorators register your components.
             quiet: no progress bars while training the default run.
+            workers: caption requests served at once (threads; the models are one copy behind
+                one lock, so their generation calls take turns).
+            queue: caption requests that may wait for a worker; one more answers 503.
+            timeout: seconds a caption request may take, waiting included; then 504.
         """
         from diffusion_captioner.web import create_app, run_is_finished, serve
+        from diffusion_captioner.web.limits import Admission
+
+        Admission(int(workers), int(queue), float(timeout)).close()  # bad limits: fail now
 
         _include(include_package)
         if run is None:
@@ -427,7 +442,8 @@ class Commands:
                 self.compare(decoders=",".join(names), out=str(default), device=device,
                              include_package=include_package, quiet=quiet)
             run = str(default)
-        app = create_app(run, decoders=as_list(decoders) or None, device=device)
+        app = create_app(run, decoders=as_list(decoders) or None, device=device,
+                         workers=int(workers), queue=int(queue), timeout_s=float(timeout))
         serve(app, host=str(host), port=int(port))
 
     def pretrain_clip(
