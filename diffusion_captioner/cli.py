@@ -128,6 +128,7 @@ class Commands:
         data_dir: str | None = None,
         threads: int | None = None,
         decoder_config: Any = None,
+        log_with: Any = None,
     ) -> None:
         """Train each decoder on the same cached features and split, score the test split, report.
 
@@ -154,9 +155,14 @@ class Commands:
             data_dir: folder of the data files: ``--dataset flickr8k --data-dir DATA`` (also
                 ``flickr30k``, ``coco-karpathy``, ``flickr8k+flickr30k``), or the folder relative
                 paths in a ``--dataset`` JSON config resolve under.
+            log_with: experiment trackers through accelerate, comma-separated: ``tensorboard``,
+                ``wandb``, ``mlflow``, ``aim``... (each needs its package installed); they get
+                the training log's scalars and the test metrics, under ``OUT/tracker/``.
         """
         from diffusion_captioner.compare import compare
+        from diffusion_captioner.tracking import check_trackers
 
+        trackers = check_trackers(as_list(log_with))  # before anything loads
         _include(include_package)
         if dataset is None and data_dir is not None:  # the preset's dataset, under --data-dir
             from diffusion_captioner.presets import load_preset
@@ -176,7 +182,7 @@ class Commands:
             names, out_dir, preset=preset, dataset=dataset_config(dataset, data_dir), encoder=encoder,
             cache_dir=Path(cache_dir) / "features" if cache_dir else None,
             train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
-            threads=threads, decoder_overrides=configs,
+            threads=threads, decoder_overrides=configs, log_with=trackers,
         )
         print((out_dir / "report.md").read_text())
         print(f"run folder: {out_dir}")

@@ -15,6 +15,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from diffusion_captioner.hub import check_available
 from diffusion_captioner.inference import generate_captions, load_run
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.report import render_html, render_markdown
+from diffusion_captioner.tracking import check_trackers, tracker_dir
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
@@ -127,8 +129,13 @@ def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json
 
 
 def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
-                clip_prompt: str = "", progress: bool = True) -> dict[str, Any]:
-    """Train, generate and score one decoder into ``out/<name>``; returns its summary."""
+                clip_prompt: str = "", progress: bool = True,
+                log_with: Sequence[str] = ()) -> dict[str, Any]:
+    """Train, generate and score one decoder into ``out/<name>``; returns its summary.
+
+    ``log_with``: experiment trackers (``tracking.py``) that get the training log and, at the
+    last step, the test metrics as ``test/<metric>``; they write under ``out/tracker``.
+    """
     folder = out / name
     check_same_plan(folder, plan)
     if (folder / "summary.json").is_file():
@@ -140,8 +147,9 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
     torch.manual_seed(train_cfg.seed)
     decoder = build("decoder", plan["decoder"], feature_dim=work.encoder.dim)
     trainer = Trainer(decoder, CaptionPairs.from_split(train), CaptionPairs.from_split(val),
-                      train_cfg, folder, progress=progress)
-    state = trainer.fit(resume=True)
+                      train_cfg, folder, progress=progress, log_with=log_with,
+                      tracker_dir=tracker_dir(out), tracker_name=name)
+    state = trainer.fit(resume=True, end_tracking=False)
     parameters = count_parameters(decoder)
     best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
 
@@ -161,6 +169,7 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
         if key == "default":
             report.write(folder / "metrics.json")
             default_results = results
+            trainer.track(report.scores, state.step, prefix="test/")
         runs[key] = {"options": options, "scores": report.scores, "skipped": report.skipped,
                      "generate_seconds": round(seconds, 3),
                      "ms_per_image": round(1000 * seconds / len(captions), 3)}
@@ -180,6 +189,7 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
             list(default_results.values()), (c for r in train.records for c in r.captions)),
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    trainer.end_tracking()
     return summary
 
 
@@ -196,14 +206,20 @@ def compare(
     progress: bool = True,
     bench_repeats: int = 5,
     threads: int | None = None,
+    log_with: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every decoder on the same features and split; write the run folder and report.
+
+    ``log_with`` names accelerate experiment trackers (``tensorboard``, ``wandb``, ``mlflow``,
+    ``aim``...), checked before any work: each decoder's training log and test metrics also go
+    to them, under ``out/tracker`` (:mod:`diffusion_captioner.tracking`).
 
     ``threads`` (else the preset's ``threads``, else torch's default) sets torch's intra-op
     threads for the whole run: the embedded preset's tiny models run on one, because they gain
     little from a second and slow down badly when another process holds a core.
     """
     find_java()  # METEOR and the PTB tokenizer need it: fail now, not after training
+    log_with = check_trackers(log_with)  # a tracker not installed: fail now too
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = load_preset(preset)
@@ -258,7 +274,7 @@ def compare(
     write_annotations(out / "annotations_test.json",
                       {r.image_id: list(r.captions) for r in test.records})
     prompt = clipscore_prompt(encoder_cfg)
-    summaries = {name: run_decoder(name, plans[name], work, out, prompt, progress)
+    summaries = {name: run_decoder(name, plans[name], work, out, prompt, progress, log_with)
                  for name in plans}
 
     names = list(summaries)

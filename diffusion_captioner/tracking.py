@@ -49,9 +49,9 @@ def check_trackers(names: Iterable[str]) -> list[str]:
     available = {str(t) for t in get_available_trackers()}
     missing = [n for n in wanted if str(LoggerType(n)) not in available]
     if missing:
-        packages = " ".join(TRACKER_PACKAGES[n] for n in missing)
-        raise ValueError(f"--log-with {','.join(missing)}: the {packages} package is not "
-                         f"installed; pip install {packages} (or drop it from --log-with)")
+        packages = [TRACKER_PACKAGES[n] for n in missing]
+        raise ValueError(f"--log-with {','.join(missing)}: {' and '.join(packages)} not "
+                         f"installed; pip install {' '.join(packages)} (or drop it from --log-with)")
     return wanted
 
 

@@ -58,10 +58,18 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     argv = ["compare", "--decoders", "clipcap,echo_user", "--include-package", "my_user_decoders",
             "--dataset", json.dumps(TINY_SHAPES), "--encoder", f"local-dir:{tiny_clip_dir}",
             "--cache-dir", str(tmp_path / "cache"), "--train", json.dumps(TINY_TRAIN),
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", "--log-with", "tensorboard"]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err[-2000:]
     assert "| clipcap |" in stdout and "| echo_user |" in stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("clipcap", "echo_user"):  # each decoder one TensorBoard run under OUT/tracker
+        events = EventAccumulator(str(out / "tracker" / name))
+        events.Reload()
+        assert {"loss", "lr", "val_loss", "test/CIDEr"} <= set(events.Tags()["scalars"]), name
+        cider = json.loads((out / name / "metrics.json").read_text())["CIDEr"]
+        assert events.Scalars("test/CIDEr")[-1].value == pytest.approx(cider, rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert set(config["decoders"]) == {"clipcap", "echo_user"}
     for name in ("clipcap", "echo_user"):
