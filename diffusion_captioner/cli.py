@@ -274,16 +274,27 @@ class Commands:
         print(f"written to {written}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None,
-                 paper_bleu: str | None = None) -> None:
+                 paper_bleu: str | None = None, groups: str | None = None) -> None:
         """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap).
 
         Args:
             paper_bleu: also print BLEU-4 by the original CLIP-DiffusionLM code's protocol
                 (eval/paper_bleu.py), decoding with this word-piece tokenizer (a hub name such
                 as ``distilbert-base-uncased`` or a local folder).
+            groups: also score each group of images alone: a JSON file mapping image id ->
+                group name (``{"0": "in-domain", ...}``), or a nocaps annotation file (the
+                group is the image's domain). Every result image needs a group. With --out
+                M.json the groups' metrics go to M_by_group.json.
         """
         from eval.metrics import evaluate_files
 
+        group_of = None
+        if groups:
+            from eval.coco_format import load_results
+            from eval.groups import check_groups, load_groups
+
+            group_of = load_groups(groups)  # a bad or incomplete file fails before any scoring
+            check_groups(load_results(results), group_of, f"--groups {groups}")
         bleu_tokenizer = None
         if paper_bleu:
             from eval.paper_bleu import load_paper_bleu_tokenizer
@@ -303,6 +314,18 @@ class Commands:
             print(f"{name}: skipped ({reason})")
         if out:
             print(f"metrics written to {out}")
+        if group_of is not None:
+            from eval.coco_format import load_annotations, load_results
+            from eval.groups import score_groups, write_groups
+
+            by_group = score_groups(load_results(results), load_annotations(annotations), group_of)
+            for group, scores in by_group.items():
+                print(f"{group} ({scores.num_images} images): "
+                      + "  ".join(f"{k}: {v:.3f}" for k, v in scores.scores.items()))
+            if out:
+                written = Path(out).with_name(f"{Path(out).stem}_by_group.json")
+                write_groups(written, by_group)
+                print(f"metrics per group written to {written}")
 
     def extract(
         self,

@@ -2,7 +2,8 @@
 
 Steps: encode each split once (feature cache) -> for each decoder: train (resumable) ->
 generate on the test split (at every step count it sweeps) -> COCO result JSON ->
-pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json``; then, for all
+pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json`` (and, when the
+dataset gives its test images groups, ``<decoder>/metrics_by_group.json``); then, for all
 decoders together: paired bootstrap against the first decoder, speed side by side in one
 process, example captions, plots, ``report.md``/``report.html`` and the top-level ``metrics.json``.
 A decoder whose ``summary.json`` exists is not trained or scored again, so rerunning with the same
@@ -35,6 +36,7 @@ from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
 from eval.coco_format import load_results, write_annotations, write_results
+from eval.groups import groups_summary, record_groups, score_groups, write_groups
 from eval.metrics import ALL_METRICS, find_java, score_captions
 from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
 from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
@@ -174,6 +176,10 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
                      "generate_seconds": round(seconds, 3),
                      "ms_per_image": round(1000 * seconds / len(captions), 3)}
 
+    groups = record_groups(work.dataset, test.records)  # the dataset's optional group hook
+    by_group = score_groups(default_results, references, groups) if groups else {}
+    if by_group:
+        write_groups(folder / "metrics_by_group.json", by_group)
     clip = score_with_encoder(work.encoder, test.features, test.image_ids, default_results,
                               references, prompt=clip_prompt)
     (folder / "clipscore.json").write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
@@ -184,6 +190,7 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
         "train_steps": state.step, "train_seconds": round(state.elapsed_seconds, 1),
         "best_val_loss": state.best_val_loss,
         "test": runs,
+        "test_groups": groups_summary(by_group),
         "clip_scores": {k: v for k, v in clip.items() if k != "per_image"},
         "caption_stats": caption_statistics(
             list(default_results.values()), (c for r in train.records for c in r.captions)),

@@ -85,6 +85,15 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     assert set(top["decoders"]) == {"clipcap", "echo_user"}
     report = (out / "report.md").read_text()
     assert "CIDEr" in report and "**echo_user** vs **clipcap**" in report
+    assert "## Metrics per group" in report  # shapes groups its images by object count
+    for name in ("clipcap", "echo_user"):
+        by_group = json.loads((out / name / "metrics_by_group.json").read_text())
+        assert set(by_group) <= {"1 object", "2 objects"}
+        assert sum(g["num_images"] for g in by_group.values()) == TINY_SHAPES["num_test"]
+        summary = top["decoders"][name]["test_groups"]  # the top-level metrics.json too
+        assert {g: v["scores"]["CIDEr"] for g, v in summary.items()} == pytest.approx(
+            {g: v["CIDEr"] for g, v in by_group.items()})
+        assert f"| 1 object | {by_group['1 object']['num_images']} | {name} |" in report
     for linked in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (out / linked).is_file(), linked
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3
