@@ -35,7 +35,7 @@ from diffusion_captioner.tracking import check_trackers, tracker_dir
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
-from eval.coco_format import load_results, write_annotations, write_results
+from eval.coco_format import atomic_write_json, load_results, write_annotations, write_results
 from eval.groups import groups_summary, record_groups, score_groups, write_groups
 from eval.metrics import ALL_METRICS, find_java, score_captions
 from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
@@ -180,6 +180,8 @@ def run_decoder(name: str, plan: dict[str, Any], work: Workspace, out: Path,
     by_group = score_groups(default_results, references, groups) if groups else {}
     if by_group:
         write_groups(folder / "metrics_by_group.json", by_group)
+    for group, group_report in by_group.items():
+        trainer.track(group_report.scores, state.step, prefix=f"test/{group}/")
     clip = score_with_encoder(work.encoder, test.features, test.image_ids, default_results,
                               references, prompt=clip_prompt)
     (folder / "clipscore.json").write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
@@ -280,6 +282,10 @@ def compare(
     test = work.splits["test"]
     write_annotations(out / "annotations_test.json",
                       {r.image_id: list(r.captions) for r in test.records})
+    test_groups = record_groups(dataset_obj, test.records)
+    if test_groups:  # for `dcap evaluate --groups runs/NAME/groups_test.json`
+        atomic_write_json(out / "groups_test.json", {str(k): v for k, v in test_groups.items()},
+                          indent=2)
     prompt = clipscore_prompt(encoder_cfg)
     summaries = {name: run_decoder(name, plans[name], work, out, prompt, progress, log_with)
                  for name in plans}

@@ -208,16 +208,18 @@ def _group_table(decoders: dict[str, Any], images: Any) -> list[str]:
              "|---" * (len(REPORT_METRICS) + 3) + "|"]
     for name, summary in decoders.items():
         run = summary["test"]["default"]
-        lines.append(f"| all | {images} | {name} | "
-                     + " | ".join(_format(run["scores"].get(m)) for m in REPORT_METRICS) + " |")
+        lines.append(f"| all | {images} | {name} | " + " | ".join(
+            _format(run["scores"].get(m, "skipped" if m in run["skipped"] else None))
+            for m in REPORT_METRICS) + " |")
     groups = list(dict.fromkeys(g for by_group in grouped.values() for g in by_group))
     for group in groups:
         for name, by_group in grouped.items():
             if group in by_group:
                 entry = by_group[group]
-                lines.append(f"| {group} | {entry['num_images']} | {name} | "
-                             + " | ".join(_format(entry["scores"].get(m)) for m in REPORT_METRICS)
-                             + " |")
+                skipped = entry.get("skipped", {})
+                lines.append(f"| {group} | {entry['num_images']} | {name} | " + " | ".join(
+                    _format(entry["scores"].get(m, "skipped" if m in skipped else None))
+                    for m in REPORT_METRICS) + " |")
     return lines + [""]
 
 

@@ -86,6 +86,9 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     report = (out / "report.md").read_text()
     assert "CIDEr" in report and "**echo_user** vs **clipcap**" in report
     assert "## Metrics per group" in report  # shapes groups its images by object count
+    groups = json.loads((out / "groups_test.json").read_text())
+    assert len(groups) == TINY_SHAPES["num_test"] and set(groups.values()) <= {"1 object",
+                                                                                "2 objects"}
     for name in ("clipcap", "echo_user"):
         by_group = json.loads((out / name / "metrics_by_group.json").read_text())
         assert set(by_group) <= {"1 object", "2 objects"}
