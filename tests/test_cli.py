@@ -70,6 +70,10 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
         assert {"loss", "lr", "val_loss", "test/CIDEr"} <= set(events.Tags()["scalars"]), name
         cider = json.loads((out / name / "metrics.json").read_text())["CIDEr"]
         assert events.Scalars("test/CIDEr")[-1].value == pytest.approx(cider, rel=1e-5)
+        groups = json.loads((out / name / "metrics_by_group.json").read_text())
+        for group, scores in groups.items():  # and per group
+            assert events.Scalars(f"test/{group}/CIDEr")[-1].value == pytest.approx(
+                scores["CIDEr"], rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert set(config["decoders"]) == {"clipcap", "echo_user"}
     for name in ("clipcap", "echo_user"):

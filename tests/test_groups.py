@@ -93,6 +93,14 @@ def test_nocaps_reader_gives_every_image_its_domain(tmp_path):
                                          3: "out-domain"}
     assert load_groups(path) == record_groups(data, test)  # the file as a --groups file
     assert data.fingerprint.startswith("nocaps-")
+    # the intended use: train on another dataset, test on nocaps, grouped by domain
+    combined = registry.build("dataset", {"type": "combined", "eval_from": 1, "datasets": [
+        {"type": "shapes", "num_train": 3, "num_val": 1, "num_test": 1},
+        {"type": "nocaps", "annotations": str(path), "image_dir": str(images_dir)}]})
+    assert len(combined.records("train")) == 3 and combined.records("val") == []
+    merged = combined.records("test")
+    assert record_groups(combined, merged) == {10_000_000 + r.image_id: data.group(r)
+                                               for r in test}
 
     bad = json.loads(path.read_text())
     bad["images"][2]["domain"] = "far-domain"
