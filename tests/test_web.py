@@ -307,8 +307,7 @@ def waitress_server():
 
     yield start
     for server, thread, app in started:
-        stop_server(server)
-        thread.join(timeout=10)
+        stop_server(server, thread)
         app.extensions["dcap_admission"].close()
         assert not thread.is_alive()
 
@@ -392,6 +391,27 @@ def test_waitress_holds_concurrent_clients_each_200_or_503(tiny_run, waitress_se
     assert http_get(base, "api/decoders") == 200 and http_get(base, "") == 200
     assert http_caption(base, data, decoders="clipcap")[0] == 200
     assert app.extensions["dcap_admission"].admitted == 0
+
+
+def test_waitress_keeps_the_upload_limits_and_never_spools_to_disk(app, waitress_server,
+                                                                    monkeypatch):
+    """Over real HTTP: a 2 MB upload (waitress spools bodies over 512 KB to a temporary file by
+    default) is captioned from memory; one over the 10 MB limit answers 413 JSON."""
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to disk")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_disk)
+    base = waitress_server(app)
+    noise = Image.frombytes("RGB", (900, 800), torch.randint(0, 256, (900 * 800 * 3,),
+                                                            dtype=torch.uint8).numpy().tobytes())
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG", compress_level=0)
+    assert buffer.tell() > 2_000_000
+    assert http_caption(base, buffer.getvalue(), decoders="clipcap")[0] == 200
+    status, body = http_caption(base, b"\0" * (MAX_UPLOAD_BYTES + 1))
+    assert status == 413 and "upload too large" in body["error"]
 
 
 def test_full_queue_answers_503_and_slow_request_504(tiny_run, waitress_server, monkeypatch):

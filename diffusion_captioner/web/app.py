@@ -382,7 +382,9 @@ def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000):
     Threads: ``workers + queue + SPARE_THREADS`` of the app's :class:`Admission`, so every
     admitted request holds a thread and a request over the limit still reaches the app and is
     answered 503 at once. Waitress refuses bodies over twice the app's upload limit itself (the
-    app answers 413 JSON for anything between). A taken port is one ``ValueError`` line.
+    app answers 413 JSON for anything between) and keeps every body up to that in memory
+    (``inbuf_overflow``; by default it spools bodies over 512 KB to a temporary file, and
+    uploads must never touch the disk). A taken port is one ``ValueError`` line.
     """
     from waitress.server import create_server
 
@@ -392,18 +394,29 @@ def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000):
         return create_server(
             app, host=host, port=int(port), threads=admission.capacity + SPARE_THREADS,
             connection_limit=max(100, 2 * (admission.capacity + SPARE_THREADS)),
-            max_request_body_size=2 * limit, channel_timeout=max(60, int(admission.timeout_s) + 30),
+            max_request_body_size=2 * limit, inbuf_overflow=2 * limit + 1, channel_timeout=max(60, int(admission.timeout_s) + 30),
             ident="dcap")
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error) or "address unavailable"
         raise ValueError(f"cannot serve on {host}:{port}: {reason}") from error
 
 
-def stop_server(server) -> None:
-    """Stop a waitress server running in another thread (closes its sockets and threads)."""
-    for channel in list(server._map.values()):  # the listening socket, connections, trigger
-        channel.handle_close() if hasattr(channel, "handle_close") else channel.close()
-    server.task_dispatcher.shutdown(timeout=5)
+def stop_server(server, thread: threading.Thread | None = None, timeout: float = 10.0) -> None:
+    """Stop a waitress server whose ``run()`` is in ``thread``: its sockets are closed from
+    inside its own loop (through its trigger, so no ``select`` sees a closed descriptor), the
+    loop ends with nothing left to watch, then its worker threads are shut down."""
+    from waitress.channel import HTTPChannel
+
+    def close_all() -> None:  # runs in the server's loop thread
+        for channel in list(server._map.values()):
+            if isinstance(channel, HTTPChannel):
+                channel.handle_close()
+        server.close()  # the listening socket and the trigger
+
+    server.trigger.pull_trigger(close_all)
+    if thread is not None:
+        thread.join(timeout)
+    server.task_dispatcher.shutdown(timeout=timeout)
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> None:
