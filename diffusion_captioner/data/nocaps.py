@@ -60,8 +60,7 @@ def nocaps_domains(annotations: Path) -> dict[int, NocapsDomain]:
 
 @CaptionDataset.register("nocaps")
 class NocapsDataset(FileCaptionDataset):
-    """A nocaps annotation file + its image folder; every image is in the test split, grouped by
-    its domain.
+    """nocaps annotation file + image folder: all images in the test split, grouped by domain.
 
     Args:
         annotations: ``nocaps_val_4500_captions.json`` (or another file in its layout).
