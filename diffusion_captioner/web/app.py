@@ -394,8 +394,8 @@ def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000):
         return create_server(
             app, host=host, port=int(port), threads=admission.capacity + SPARE_THREADS,
             connection_limit=max(100, 2 * (admission.capacity + SPARE_THREADS)),
-            max_request_body_size=2 * limit, inbuf_overflow=2 * limit + 1, channel_timeout=max(60, int(admission.timeout_s) + 30),
-            ident="dcap")
+            max_request_body_size=2 * limit, inbuf_overflow=2 * limit + 1,
+            channel_timeout=max(60, int(admission.timeout_s) + 30), ident="dcap")
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error) or "address unavailable"
         raise ValueError(f"cannot serve on {host}:{port}: {reason}") from error
