@@ -393,7 +393,7 @@ def test_waitress_holds_concurrent_clients_each_200_or_503(tiny_run, waitress_se
     assert app.extensions["dcap_admission"].admitted == 0
 
 
-def test_waitress_keeps_the_upload_limits_and_never_spools_to_disk(app, waitress_server,
+def test_waitress_keeps_the_upload_limits_and_never_spools_to_disk(tiny_run, waitress_server,
                                                                     monkeypatch):
     """Over real HTTP: a 2 MB upload (waitress spools bodies over 512 KB to a temporary file by
     default) is captioned from memory; one over the 10 MB limit answers 413 JSON."""
@@ -403,7 +403,7 @@ def test_waitress_keeps_the_upload_limits_and_never_spools_to_disk(app, waitress
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
     monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_disk)
-    base = waitress_server(app)
+    base = waitress_server(create_app(tiny_run))  # its own app: the fixture closes its queue
     noise = Image.frombytes("RGB", (900, 800), torch.randint(0, 256, (900 * 800 * 3,),
                                                             dtype=torch.uint8).numpy().tobytes())
     buffer = io.BytesIO()
