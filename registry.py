@@ -342,6 +342,15 @@ class CaptionDataset(Registrable):
 
         return load_rgb(record.image)
 
+    def group(self, record: CaptionRecord) -> str | None:
+        """The record's group for per-group metrics (nocaps: its domain), or None.
+
+        Optional hook: by default ``record.meta["group"]`` when the dataset put one there;
+        ``compare`` scores the test split per group when any test record has one.
+        """
+        group = record.meta.get("group")
+        return None if group is None else str(group)
+
     def __iter__(self) -> Iterator[CaptionRecord]:
         return iter(self.records())
 

@@ -157,6 +157,7 @@ def compare(
     data_dir: str | Path | None = None,
     threads: int | None = None,
     decoder_config: Any = None,
+    log_with: Any = None,
     *,
     command: str | None = None,
 ) -> CompareResult:
@@ -173,7 +174,9 @@ def compare(
     import registry
     from diffusion_captioner import comparison as compare_module
     from diffusion_captioner.arguments import as_dict, as_list, dataset_config
+    from diffusion_captioner.tracking import check_trackers
 
+    trackers = check_trackers(as_list(log_with))  # a tracker not installed: before anything loads
     _include(include_package)
     if dataset is None and data_dir is not None:  # the preset's dataset, under --data-dir
         from diffusion_captioner.presets import load_preset
@@ -194,7 +197,7 @@ def compare(
         dataset=dataset_config(dataset, str(data_dir) if data_dir is not None else None),
         encoder=encoder, cache_dir=Path(cache_dir) / "features" if cache_dir else None,
         train_overrides=as_dict(train, "train"), device=device, progress=not quiet,
-        threads=threads, decoder_overrides=configs,
+        threads=threads, decoder_overrides=configs, log_with=trackers,
         command=command or equivalent_command(arguments),
     )
     return CompareResult(out_dir, metrics)
@@ -316,17 +319,31 @@ class Evaluation:
     skipped: dict[str, str]
     paper_bleu: float | None
     report: MetricReport
+    #: With ``groups``: each group's report, and where they were written (beside ``out``).
+    by_group: dict[str, MetricReport] | None = None
+    by_group_file: Path | None = None
 
 
 def evaluate(results: str | Path | Mapping[int, str],
              annotations: str | Path | Mapping[int, Sequence[str]],
-             out: str | Path | None = None, paper_bleu: str | None = None) -> Evaluation:
+             out: str | Path | None = None, paper_bleu: str | None = None,
+             groups: str | Path | Mapping[int, str] | None = None) -> Evaluation:
     """``dcap evaluate``: score a COCO result JSON against a COCO caption annotation file
     (pycocoevalcap). In Python either may also be a dict (``{image_id: caption}``,
     ``{image_id: [references]}``). ``out`` writes the metrics JSON; ``paper_bleu`` names the
-    word-piece tokenizer of the original code's BLEU-4 protocol (``distilbert-base-uncased``)."""
+    word-piece tokenizer of the original code's BLEU-4 protocol (``distilbert-base-uncased``);
+    ``groups`` (a group file, a nocaps annotation file or ``{image_id: group}``) also scores
+    each group alone (written to ``<out stem>_by_group.json``)."""
     from eval.coco_format import load_annotations, load_results
+    from eval.groups import check_groups, load_groups, score_groups, write_groups
     from eval.metrics import evaluate_files, score_captions
+
+    group_of = None
+    if groups is not None:  # a bad or incomplete group file fails before any scoring
+        group_of = dict(groups) if isinstance(groups, Mapping) else load_groups(groups)
+        check_groups(results if isinstance(results, Mapping) else load_results(results),
+                     group_of, f"--groups {groups}" if not isinstance(groups, Mapping)
+                     else "the groups")
 
     bleu_tokenizer = None
     if paper_bleu:  # loaded first: an offline machine fails before any scoring
@@ -348,7 +365,16 @@ def evaluate(results: str | Path | Mapping[int, str],
         hypotheses = results if isinstance(results, Mapping) else load_results(results)
         references = annotations if isinstance(annotations, Mapping) else load_annotations(annotations)
         value = original_bleu(hypotheses, references, bleu_tokenizer)
-    return Evaluation(dict(report.scores), dict(report.skipped), value, report)
+    by_group, by_group_file = None, None
+    if group_of is not None:
+        hypotheses = results if isinstance(results, Mapping) else load_results(results)
+        references = annotations if isinstance(annotations, Mapping) else load_annotations(annotations)
+        by_group = score_groups(hypotheses, references, group_of)
+        if out is not None:
+            by_group_file = write_groups(Path(out).with_name(f"{Path(out).stem}_by_group.json"),
+                                         by_group)
+    return Evaluation(dict(report.scores), dict(report.skipped), value, report, by_group,
+                      by_group_file)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class Commands:
         data_dir: str | None = None,
         threads: int | None = None,
         decoder_config: Any = None,
+        log_with: Any = None,
     ) -> None:
         """Train each decoder on the same cached features and split, score the test split, report.
 
@@ -93,6 +94,9 @@ class Commands:
             data_dir: folder of the data files: ``--dataset flickr8k --data-dir DATA`` (also
                 ``flickr30k``, ``coco-karpathy``, ``flickr8k+flickr30k``), or the folder relative
                 paths in a ``--dataset`` JSON config resolve under.
+            log_with: experiment trackers through accelerate, comma-separated: ``tensorboard``,
+                ``wandb``, ``mlflow``, ``aim``... (each needs its package installed); they get
+                the training log's scalars and the test metrics, under ``OUT/tracker/``.
         """
         from diffusion_captioner import api
 
@@ -100,7 +104,7 @@ class Commands:
             decoders, out, preset=preset, dataset=dataset, encoder=encoder, cache_dir=cache_dir,
             train=train, device=device, include_package=include_package, quiet=quiet,
             data_dir=data_dir, threads=threads, decoder_config=decoder_config,
-            command=shlex.join(["dcap", *sys.argv[1:]]))
+            log_with=log_with, command=shlex.join(["dcap", *sys.argv[1:]]))
         print(result.report)
         print(f"run folder: {result.folder}")
 
@@ -190,18 +194,23 @@ class Commands:
         print(f"written to {written}")
 
     def evaluate(self, results: str, annotations: str, out: str | None = None,
-                 paper_bleu: str | None = None) -> None:
+                 paper_bleu: str | None = None, groups: str | None = None) -> None:
         """Score a COCO result JSON against a COCO caption annotation file (pycocoevalcap).
 
         Args:
             paper_bleu: also print BLEU-4 by the original CLIP-DiffusionLM code's protocol
                 (eval/paper_bleu.py), decoding with this word-piece tokenizer (a hub name such
                 as ``distilbert-base-uncased`` or a local folder).
+            groups: also score each group of images alone: a JSON file mapping image id ->
+                group name (``{"0": "in-domain", ...}``), or a nocaps annotation file (the
+                group is the image's domain). Every result image needs a group. With --out
+                M.json the groups' metrics go to M_by_group.json.
         """
         from diffusion_captioner import api
 
         evaluation = api.evaluate(results, annotations, out,
-                                  paper_bleu=str(paper_bleu) if paper_bleu else None)
+                                  paper_bleu=str(paper_bleu) if paper_bleu else None,
+                                  groups=groups)
         for name, value in evaluation.scores.items():
             print(f"{name}: {value:.3f}")
         if evaluation.paper_bleu is not None:
@@ -210,6 +219,11 @@ class Commands:
             print(f"{name}: skipped ({reason})")
         if out:
             print(f"metrics written to {out}")
+        for group, scores in (evaluation.by_group or {}).items():
+            print(f"{group} ({scores.num_images} images): "
+                  + "  ".join(f"{k}: {v:.3f}" for k, v in scores.scores.items()))
+        if evaluation.by_group is not None and out:
+            print(f"metrics per group written to {evaluation.by_group_file}")
 
     def extract(
         self,
@@ -344,8 +358,16 @@ class Commands:
         device: str = "cpu",
         include_package: Any = None,
         quiet: bool = False,
+        workers: int = 2,
+        queue: int = 16,
+        timeout: float = 30.0,
     ) -> None:
         """Web page + JSON API: caption your own image with every decoder of a `compare` run.
+
+        Served by waitress (a production WSGI server, pure Python). At most --workers caption
+        requests run at once and --queue more wait; any beyond answer 503 with a JSON error at
+        once. A caption request not answered within --timeout seconds (waiting included)
+        answers 504 JSON. Uploads stay capped at 10 MB and 40 megapixels (413 / 400).
 
         Args:
             run: run folder, `dcap export` folder or ``hf-hub:org/name`` (default: the embedded
@@ -357,8 +379,15 @@ class Commands:
             device: ``cpu``, ``cuda``...
             include_package: module(s) whose decorators register your components.
             quiet: no progress bars while training the default run.
+            workers: caption requests served at once (threads; the models are one copy behind
+                one lock, so their generation calls take turns).
+            queue: caption requests that may wait for a worker; one more answers 503.
+            timeout: seconds a caption request may take, waiting included; then 504.
         """
         from diffusion_captioner.web import create_app, run_is_finished, serve
+        from diffusion_captioner.web.limits import Admission
+
+        Admission(int(workers), int(queue), float(timeout)).close()  # bad limits: fail now
 
         _include(include_package)
         if run is None:
@@ -370,7 +399,8 @@ class Commands:
                 self.compare(decoders=",".join(names), out=str(default), device=device,
                              include_package=include_package, quiet=quiet)
             run = str(default)
-        app = create_app(run, decoders=as_list(decoders) or None, device=device)
+        app = create_app(run, decoders=as_list(decoders) or None, device=device,
+                         workers=int(workers), queue=int(queue), timeout_s=float(timeout))
         serve(app, host=str(host), port=int(port))
 
     def pretrain_clip(

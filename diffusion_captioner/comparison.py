@@ -2,7 +2,8 @@
 
 Steps: encode each split once (feature cache) -> for each decoder: train (resumable) ->
 generate on the test split (at every step count it sweeps) -> COCO result JSON ->
-pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json``; then, for all
+pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json`` (and, when the
+dataset gives its test images groups, ``<decoder>/metrics_by_group.json``); then, for all
 decoders together: paired bootstrap against the first decoder, speed side by side in one
 process, example captions, plots, ``report.md``/``report.html`` and the top-level ``metrics.json``.
 A decoder whose ``summary.json`` exists is not trained or scored again, so rerunning with the same
@@ -15,6 +16,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,12 @@ from diffusion_captioner.run_folder import (
     RunFolder,
     RunMetrics,
 )
+from diffusion_captioner.tracking import check_trackers
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
-from eval.coco_format import write_annotations, write_results
+from eval.coco_format import atomic_write_json, write_annotations, write_results
+from eval.groups import groups_summary, record_groups, score_groups, write_groups
 from eval.metrics import ALL_METRICS, find_java, score_captions
 from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
 from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
@@ -145,11 +149,14 @@ class DecoderOutcome:
 
 
 def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
-                clip_prompt: str = "", progress: bool = True) -> DecoderOutcome:
+                clip_prompt: str = "", progress: bool = True,
+                log_with: Sequence[str] = ()) -> DecoderOutcome:
     """Train, generate and score one decoder into ``out/<name>``.
 
     Only the decoder and train settings bind a folder (``plan.json``): other generation options
-    than the summary's reuse the trained checkpoint and score it again."""
+    than the summary's reuse the trained checkpoint and score it again. ``log_with``:
+    experiment trackers (``tracking.py``) that get the training log and, at the last step, the
+    test metrics as ``test/<metric>``; they write under ``out/tracker``."""
     folder = out.decoder(name)
     check_same_plan(folder.root, {"decoder": plan.decoder, "train": plan.train})
     summary = folder.read_summary()
@@ -164,8 +171,9 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
     torch.manual_seed(train_cfg.seed)
     decoder = build("decoder", plan.decoder, feature_dim=work.encoder.dim)
     trainer = Trainer(decoder, CaptionPairs.from_split(train), CaptionPairs.from_split(val),
-                      train_cfg, folder.root, progress=progress)
-    state = trainer.fit(resume=True)
+                      train_cfg, folder.root, progress=progress, log_with=log_with,
+                      tracker_dir=out.tracker, tracker_name=name)
+    state = trainer.fit(resume=True, end_tracking=False)
     parameters = count_parameters(decoder)
     best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
 
@@ -185,11 +193,18 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         if steps is None:
             report.write(folder.metrics)
             default_results, per_image = results, report.per_image
+            trainer.track(report.scores, state.step, prefix="test/")
         runs["default" if steps is None else str(steps)] = {
             "options": options, "scores": report.scores, "skipped": report.skipped,
             "generate_seconds": round(seconds, 3),
             "ms_per_image": round(1000 * seconds / len(captions), 3)}
 
+    groups = record_groups(work.dataset, test.records)  # the dataset's optional group hook
+    by_group = score_groups(default_results, references, groups) if groups else {}
+    if by_group:
+        write_groups(folder.metrics_by_group, by_group)
+    for group, group_report in by_group.items():
+        trainer.track(group_report.scores, state.step, prefix=f"test/{group}/")
     clip = score_with_encoder(work.encoder, test.features, test.image_ids, default_results,
                               references, prompt=clip_prompt)
     folder.clipscore.write_text(json.dumps({**clip, "prompt": clip_prompt}, indent=2))
@@ -197,12 +212,13 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         decoder=plan.decoder, registered_as=registered_name(type(best)),
         train=plan.train, generate=plan.generate, parameters=parameters,
         train_steps=state.step, train_seconds=round(state.elapsed_seconds, 1),
-        best_val_loss=state.best_val_loss, test=runs,
+        best_val_loss=state.best_val_loss, test=runs, test_groups=groups_summary(by_group),
         clip_scores={k: v for k, v in clip.items() if k != "per_image"},
         caption_stats=caption_statistics(
             list(default_results.values()), (c for r in train.records for c in r.captions)),
     )
     folder.summary.write_text(json.dumps(summary, indent=2, default=str))
+    trainer.end_tracking()
     return DecoderOutcome(summary, best, default_results, per_image)
 
 
@@ -220,6 +236,7 @@ def compare(
     bench_repeats: int = 5,
     threads: int | None = None,
     command: str | None = None,
+    log_with: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every decoder on the same features and split; write the run folder and report.
 
@@ -231,6 +248,7 @@ def compare(
     little from a second and slow down badly when another process holds a core.
     """
     find_java()  # METEOR and the PTB tokenizer need it: fail now, not after training
+    log_with = check_trackers(log_with)  # a tracker not installed: fail now too
     run = RunFolder(Path(out))
     out = run.root
     out.mkdir(parents=True, exist_ok=True)
@@ -283,8 +301,11 @@ def compare(
     work = prepare_features(dataset_obj, encoder_obj, cache_dir, progress, needs_text)
     test = work.splits["test"]
     write_annotations(run.annotations, {r.image_id: list(r.captions) for r in test.records})
+    test_groups = record_groups(dataset_obj, test.records)
+    if test_groups:  # for `dcap evaluate --groups runs/NAME/groups_test.json`
+        atomic_write_json(run.groups, {str(k): v for k, v in test_groups.items()}, indent=2)
     prompt = clipscore_prompt(encoder_cfg)
-    outcomes = {name: run_decoder(name, plans[name], work, run, prompt, progress)
+    outcomes = {name: run_decoder(name, plans[name], work, run, prompt, progress, log_with)
                 for name in plans}
     # what was trained or scored now stays in memory; only resumed decoders are read back
     names = list(outcomes)

@@ -117,6 +117,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     if skipped_images:
         lines.append(f"- unreadable images skipped (named in the log): {skipped_images}")
     lines.append("")
+    lines += _group_table(decoders, metrics.get("test_images", "-"))
 
     stats = {n: s["caption_stats"] for n, s in decoders.items() if "caption_stats" in s}
     if stats:
@@ -192,6 +193,34 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                  "`<decoder>/metrics.json` (with per-image scores), `<decoder>/clipscore.json`, "
                  "`<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`; `speed.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _group_table(decoders: dict[str, Any], images: Any) -> list[str]:
+    """Metrics per group of test images (nocaps domain, shapes object count), each group scored
+    alone, under the overall rows; nothing when the dataset gives no groups."""
+    grouped = {n: s["test_groups"] for n, s in decoders.items() if s.get("test_groups")}
+    if not grouped:
+        return []
+    lines = ["## Metrics per group", "",
+             "Each group's images scored alone by the same pycocoevalcap code (CIDEr's idf over "
+             "the group's references); `<decoder>/metrics_by_group.json`.", "",
+             "| group | images | decoder | " + " | ".join(REPORT_METRICS) + " |",
+             "|---" * (len(REPORT_METRICS) + 3) + "|"]
+    for name, summary in decoders.items():
+        run = summary["test"]["default"]
+        lines.append(f"| all | {images} | {name} | " + " | ".join(
+            _format(run["scores"].get(m, "skipped" if m in run["skipped"] else None))
+            for m in REPORT_METRICS) + " |")
+    groups = list(dict.fromkeys(g for by_group in grouped.values() for g in by_group))
+    for group in groups:
+        for name, by_group in grouped.items():
+            if group in by_group:
+                entry = by_group[group]
+                skipped = entry.get("skipped", {})
+                lines.append(f"| {group} | {entry['num_images']} | {name} | " + " | ".join(
+                    _format(entry["scores"].get(m, "skipped" if m in skipped else None))
+                    for m in REPORT_METRICS) + " |")
+    return lines + [""]
 
 
 def _small_batch_images(speed: dict) -> str:

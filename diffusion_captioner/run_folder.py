@@ -6,9 +6,12 @@ benchmarks) takes its paths from here instead of spelling them out::
     runs/NAME/config.json              RunConfig: everything needed to rerun
     runs/NAME/inputs.json              the dataset and encoder (configs, fingerprints) it binds
     runs/NAME/annotations_test.json    the test references, COCO annotation format
+    runs/NAME/groups_test.json         image id -> group, when the dataset groups its images
+    runs/NAME/tracker/<decoder>/       experiment trackers' files (--log-with)
     runs/NAME/<decoder>/               DecoderFolder: plan.json, checkpoint/best, train_log.jsonl,
                                        results_test.json (+ _k<steps>), metrics.json,
-                                       clipscore.json, summary.json (DecoderSummary)
+                                       metrics_by_group.json, clipscore.json,
+                                       summary.json (DecoderSummary)
     runs/NAME/metrics.json             RunMetrics: the side-by-side record the report renders
     runs/NAME/speed.json               SpeedResult: the timing phase (rows per decoder)
     runs/NAME/report.md, report.html, examples/, *.png
@@ -81,6 +84,7 @@ class DecoderSummary(TypedDict, total=False):
     train_seconds: float
     best_val_loss: float | None
     test: dict[str, Any]  # "default" and each swept step count: options, scores, timings
+    test_groups: dict[str, Any]  # per test group: images and scores of the default options
     clip_scores: dict[str, float]
     caption_stats: dict[str, Any]
     paper_bleu: dict[str, Any]
@@ -156,6 +160,11 @@ class DecoderFolder:
     def clipscore(self) -> Path:
         return self.root / "clipscore.json"
 
+    @property
+    def metrics_by_group(self) -> Path:
+        """Each test group's metrics, when the dataset gives its images groups."""
+        return self.root / "metrics_by_group.json"
+
     def results(self, steps: int | str | None = None) -> Path:
         """The COCO result file of the default options, or of the sweep at ``steps``."""
         return self.root / ("results_test.json" if steps is None else f"results_test_k{steps}.json")
@@ -203,6 +212,16 @@ class RunFolder:
     @property
     def speed(self) -> Path:
         return self.root / "speed.json"
+
+    @property
+    def groups(self) -> Path:
+        """Image id -> group of the test images (``dcap evaluate --groups``), when grouped."""
+        return self.root / "groups_test.json"
+
+    @property
+    def tracker(self) -> Path:
+        """The experiment trackers' files (``--log-with``), one folder per decoder."""
+        return self.root / "tracker"
 
     @property
     def report(self) -> Path:

@@ -7,7 +7,8 @@ a run resumed from ``checkpoint/last`` takes exactly the steps an uninterrupted 
 
 Layout under ``out``::
 
-    train_log.jsonl        one JSON object per logged step / validation
+    train_log.jsonl        one JSON object per logged step / validation (also handed to the
+                           experiment trackers of ``log_with``, at its step: tracking.py)
     checkpoint/last/       accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
     checkpoint/best/       the decoder's save_pretrained at the lowest validation loss
 """
@@ -20,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -160,13 +162,25 @@ class Trainer:
         config: TrainConfig,
         out: str | Path,
         progress: bool = True,
+        log_with: Sequence[str] = (),
+        tracker_dir: str | Path | None = None,
+        tracker_name: str | None = None,
     ) -> None:
+        """``log_with``: accelerate tracker names (``tensorboard``, ``wandb``...; checked by
+        :func:`~diffusion_captioner.tracking.check_trackers`), writing under ``tracker_dir``
+        (default ``out/tracker``) as a run named ``tracker_name`` (default ``out``'s name)."""
         self.config, self.out, self.progress = config, Path(out), progress
+        self.log_with = list(log_with)
+        self.tracker_dir = Path(tracker_dir) if tracker_dir is not None else self.out / "tracker"
+        self.tracker_name = tracker_name or self.out.name
+        self._tracking = False
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             # without CUDA, multi-process launches run on CPU with gloo
             cpu=config.cpu or not torch.cuda.is_available(),
+            log_with=self.log_with or None,
+            project_dir=str(self.tracker_dir) if self.log_with else None,
         )
         set_seed(config.seed)
         self.train_data, self.val_data = train, val
@@ -305,9 +319,11 @@ class Trainer:
         model.train()
         return total / count
 
-    def fit(self, resume: bool = True, stop_at_step: int | None = None) -> TrainerState:
+    def fit(self, resume: bool = True, stop_at_step: int | None = None,
+            end_tracking: bool = True) -> TrainerState:
         """Train until the step/epoch/time budget is spent; ``stop_at_step`` stops early as an
-        interruption would (checkpoint/last written), so a later ``fit`` resumes from there."""
+        interruption would (checkpoint/last written), so a later ``fit`` resumes from there.
+        ``end_tracking=False`` leaves the trackers open for more values (:meth:`track`)."""
         cfg = self.config
         if resume and self._resume() and self.state.finished:
             logger.info("training already finished at step %d", self.state.step)
@@ -372,6 +388,8 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+            if end_tracking:
+                self.end_tracking()
         last_is_kept = (self.config.checkpoint_rule == "first_overfit"
                         and not self.state.overfit_kept)  # never overfit: the last weights
         if self.state.finished and (last_is_kept or not self.best_dir.exists()):
@@ -407,4 +425,32 @@ class Trainer:
     def _log(self, log, entry: dict[str, Any]) -> None:
         if log is not None:
             log.write(entry)
+        self.track(entry, int(entry["step"]))
         logger.debug("%s", entry)
+
+    # ------------------------------------------------------------------ experiment trackers
+    def track(self, entry: dict[str, Any], step: int, prefix: str = "") -> None:
+        """Hand the numeric values of ``entry`` to the trackers at ``step`` (started on first use)."""
+        if not self.log_with:
+            return
+        if not self._tracking:
+            from diffusion_captioner.tracking import hyperparameters
+
+            self.tracker_dir.mkdir(parents=True, exist_ok=True)
+            self.accelerator.init_trackers(self.tracker_name,
+                                           config=hyperparameters(asdict(self.config)))
+            self._tracking = True
+        from diffusion_captioner.tracking import scalars
+
+        values = scalars(entry, prefix)
+        if values:
+            self.accelerator.log(values, step=step)
+
+    def end_tracking(self) -> None:
+        """Finish (flush and close) the trackers; not ``end_training``, which would also end the
+        process group that the next decoder's training still needs."""
+        if self._tracking:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
+            self._tracking = False

@@ -216,15 +216,19 @@ def score_captions(
     results: Mapping[int, str],
     references: Mapping[int, Sequence[str]],
     metrics: str | Sequence[str] = ALL_METRICS,
+    *,
+    meteor: MeteorProcess | None = None,
 ) -> MetricReport:
     """Score ``results`` (image id -> caption) against ``references`` (image id -> captions).
 
     Scores are computed over the images in ``results``; each must be in ``references``
     (else :class:`EvaluationInputError`). Raises :class:`JavaMissingError` without a Java
     runtime and :class:`ScorerError` if the tokenizer or METEOR fails. SPICE never raises: when
-    it cannot run, it is listed in ``skipped`` with the reason.
+    it cannot run, it is listed in ``skipped`` with the reason. ``meteor``: an open
+    :class:`MeteorProcess` to use (and leave open), saving its JVM start when scoring many
+    subsets (:mod:`eval.groups`).
     """
-    return _score(results, references, metrics, "results", "references")
+    return _score(results, references, metrics, "results", "references", meteor)
 
 
 def _score(
@@ -233,6 +237,7 @@ def _score(
     metrics: str | Sequence[str],
     results_name: str,
     references_name: str,
+    shared_meteor: MeteorProcess | None = None,
 ) -> MetricReport:
     start = time.perf_counter()
     wanted = _normalise_metrics(metrics)
@@ -251,8 +256,8 @@ def _score(
     scores: dict[str, float] = {}
     per_image: dict[str, list[float]] = {}
     # Start METEOR's JVM first: loading its paraphrase table overlaps tokenisation and BLEU/CIDEr.
-    meteor = (
-        MeteorProcess(java, timeout_for(METEOR_TIMEOUT_S, len(ids))) if "METEOR" in wanted else None
+    meteor = shared_meteor if shared_meteor is not None or "METEOR" not in wanted else (
+        MeteorProcess(java, timeout_for(METEOR_TIMEOUT_S, len(ids)))
     )
     try:
         gts, res = _tokenize(java, ids, results, references)
@@ -269,10 +274,10 @@ def _score(
             cider, cider_per_image = Cider().compute_score(gts, res)
             scores["CIDEr"] = float(cider)
             per_image["CIDEr"] = [float(v) for v in cider_per_image]
-        if meteor is not None:
+        if meteor is not None and "METEOR" in wanted:
             scores["METEOR"], per_image["METEOR"] = meteor.score(gts, res)
     finally:
-        if meteor is not None:
+        if meteor is not None and meteor is not shared_meteor:
             meteor.close()
 
     if "SPICE" in wanted and "SPICE" not in skipped:

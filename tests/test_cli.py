@@ -58,10 +58,22 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     argv = ["compare", "--decoders", "clipcap,echo_user", "--include-package", "my_user_decoders",
             "--dataset", json.dumps(TINY_SHAPES), "--encoder", f"local-dir:{tiny_clip_dir}",
             "--cache-dir", str(tmp_path / "cache"), "--train", json.dumps(TINY_TRAIN),
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", "--log-with", "tensorboard"]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err[-2000:]
     assert "| clipcap |" in stdout and "| echo_user |" in stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("clipcap", "echo_user"):  # each decoder one TensorBoard run under OUT/tracker
+        events = EventAccumulator(str(out / "tracker" / name))
+        events.Reload()
+        assert {"loss", "lr", "val_loss", "test/CIDEr"} <= set(events.Tags()["scalars"]), name
+        cider = json.loads((out / name / "metrics.json").read_text())["CIDEr"]
+        assert events.Scalars("test/CIDEr")[-1].value == pytest.approx(cider, rel=1e-5)
+        groups = json.loads((out / name / "metrics_by_group.json").read_text())
+        for group, scores in groups.items():  # and per group
+            assert events.Scalars(f"test/{group}/CIDEr")[-1].value == pytest.approx(
+                scores["CIDEr"], rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert set(config["decoders"]) == {"clipcap", "echo_user"}
     for name in ("clipcap", "echo_user"):
@@ -77,6 +89,18 @@ def test_compare_end_to_end_with_a_user_decoder(tiny_clip_dir, tmp_path, capsys,
     assert set(top["decoders"]) == {"clipcap", "echo_user"}
     report = (out / "report.md").read_text()
     assert "CIDEr" in report and "**echo_user** vs **clipcap**" in report
+    assert "## Metrics per group" in report  # shapes groups its images by object count
+    groups = json.loads((out / "groups_test.json").read_text())
+    assert len(groups) == TINY_SHAPES["num_test"] and set(groups.values()) <= {"1 object",
+                                                                                "2 objects"}
+    for name in ("clipcap", "echo_user"):
+        by_group = json.loads((out / name / "metrics_by_group.json").read_text())
+        assert set(by_group) <= {"1 object", "2 objects"}
+        assert sum(g["num_images"] for g in by_group.values()) == TINY_SHAPES["num_test"]
+        summary = top["decoders"][name]["test_groups"]  # the top-level metrics.json too
+        assert {g: v["scores"]["CIDEr"] for g, v in summary.items()} == pytest.approx(
+            {g: v["CIDEr"] for g, v in by_group.items()})
+        assert f"| 1 object | {by_group['1 object']['num_images']} | {name} |" in report
     for linked in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (out / linked).is_file(), linked
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3

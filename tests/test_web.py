@@ -261,6 +261,200 @@ def test_concurrent_requests_are_safe(app):
 
 
 # ------------------------------------------------------------------------------------------------
+# production server: waitress, bounded queue, time limit
+# ------------------------------------------------------------------------------------------------
+def http_caption(base: str, data: bytes, timeout: float = 60.0, **fields: str):
+    """POST /api/caption over real HTTP: (status, JSON body). A hung request raises (timeout)."""
+    import urllib.error
+    import urllib.request
+
+    boundary = "dcapboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"'
+                 f"\r\nContent-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{base}api/caption", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def http_get(base: str, path: str, timeout: float = 30.0) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}{path}", timeout=timeout) as response:
+        response.read()
+        return response.status
+
+
+@pytest.fixture
+def waitress_server():
+    """Start ``make_server`` for an app on 127.0.0.1 (a free port) in a thread; stopped after."""
+    from diffusion_captioner.web import make_server, stop_server
+
+    started = []
+
+    def start(app):
+        server = make_server(app, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread, app))
+        return f"http://127.0.0.1:{server.effective_port}/"
+
+    yield start
+    for server, thread, app in started:
+        stop_server(server, thread)
+        app.extensions["dcap_admission"].close()
+        assert not thread.is_alive()
+
+
+def test_admission_bounds_running_and_waiting_requests():
+    from diffusion_captioner.web.limits import Admission, Overloaded, TimedOut
+
+    gate = Admission(workers=1, queue=1, timeout_s=60)
+    release, running = threading.Event(), threading.Event()
+    answers: list = []
+
+    def blocked():
+        running.set()
+        release.wait(30)
+        return "done"
+
+    threads = [threading.Thread(target=lambda: answers.append(gate.run(blocked)))
+               for _ in range(2)]
+    threads[0].start()
+    assert running.wait(30)
+    threads[1].start()  # admitted: waits for the one worker
+    for _ in range(3000):
+        if gate.admitted == 2:
+            break
+        threading.Event().wait(0.01)
+    assert gate.admitted == 2 == gate.capacity
+    with pytest.raises(Overloaded, match="--workers/--queue"):
+        gate.run(lambda: "never")
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert answers == ["done", "done"] and gate.admitted == 0
+    assert gate.run(lambda: 7) == 7  # the slots came back
+
+    quick = Admission(workers=1, queue=0, timeout_s=0.2)
+    stuck = threading.Event()
+    with pytest.raises(TimedOut, match="--timeout"):
+        quick.run(lambda: stuck.wait(30))
+    stuck.set()  # the timed-out call finishes in the background and gives its slot back
+    for _ in range(3000):
+        if quick.admitted == 0:
+            break
+        threading.Event().wait(0.01)
+    assert quick.run(lambda: "again") == "again"
+    for bad in ({"workers": 0}, {"queue": -1}, {"timeout_s": 0}):
+        with pytest.raises(ValueError, match="--"):
+            Admission(**bad)
+    gate.close()
+    quick.close()
+
+
+def test_waitress_holds_concurrent_clients_each_200_or_503(tiny_run, waitress_server):
+    """8 concurrent clients x 3 requests over real HTTP: each a 200 or a JSON 503, none hangs
+    (a client gives up after 60 s and that fails the test), and the server answers afterwards."""
+    app = create_app(tiny_run, workers=1, queue=2, timeout_s=60)
+    base = waitress_server(app)
+    data = png_bytes(color=(30, 160, 30))
+    statuses: list[int] = []
+    errors: list[str] = []
+
+    def client():
+        for _ in range(3):
+            try:
+                status, body = http_caption(base, data, decoders="clipcap")
+            except Exception as error:  # a hung or dropped request
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            statuses.append(status)
+            if status == 503:
+                assert "busy" in body["error"]
+            elif status == 200:
+                assert isinstance(body["clipcap"]["caption"], str)
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=180)
+    assert not errors and not any(thread.is_alive() for thread in clients)
+    assert len(statuses) == 24 and set(statuses) <= {200, 503} and 200 in statuses
+    assert http_get(base, "api/decoders") == 200 and http_get(base, "") == 200
+    assert http_caption(base, data, decoders="clipcap")[0] == 200
+    assert app.extensions["dcap_admission"].admitted == 0
+
+
+def test_waitress_keeps_the_upload_limits_and_never_spools_to_disk(tiny_run, waitress_server,
+                                                                    monkeypatch):
+    """Over real HTTP: a 2 MB upload (waitress spools bodies over 512 KB to a temporary file by
+    default) is captioned from memory; one over the 10 MB limit answers 413 JSON."""
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to disk")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_disk)
+    base = waitress_server(create_app(tiny_run))  # its own app: the fixture closes its queue
+    noise = Image.frombytes("RGB", (900, 800), torch.randint(0, 256, (900 * 800 * 3,),
+                                                            dtype=torch.uint8).numpy().tobytes())
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG", compress_level=0)
+    assert buffer.tell() > 2_000_000
+    assert http_caption(base, buffer.getvalue(), decoders="clipcap")[0] == 200
+    status, body = http_caption(base, b"\0" * (MAX_UPLOAD_BYTES + 1))
+    assert status == 413 and "upload too large" in body["error"]
+
+
+def test_full_queue_answers_503_and_slow_request_504(tiny_run, waitress_server, monkeypatch):
+    """Deterministic: captioning is held on an event, so 1 running + 1 waiting fill the gate and
+    every further request must get a 503 JSON at once; a held request past --timeout gets 504."""
+    app = create_app(tiny_run, workers=1, queue=1, timeout_s=60)
+    service = app.extensions["dcap"]
+    release = threading.Event()
+    real_caption = service.caption
+    monkeypatch.setattr(service, "caption",
+                        lambda *a, **k: release.wait(60) and real_caption(*a, **k))
+    base = waitress_server(app)
+    data = png_bytes()
+    held: list[int] = []
+    threads = [threading.Thread(target=lambda: held.append(http_caption(base, data)[0]))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    gate = app.extensions["dcap_admission"]
+    for _ in range(3000):
+        if gate.admitted == 2:
+            break
+        threading.Event().wait(0.01)
+    assert gate.admitted == 2
+    for _ in range(3):
+        status, body = http_caption(base, data)
+        assert status == 503 and "busy" in body["error"] and body["status"] == 503
+    assert http_get(base, "api/decoders") == 200  # the page and the API still answer
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert held == [200, 200]
+
+    slow = create_app(tiny_run, workers=1, queue=0, timeout_s=0.3)
+    stuck = threading.Event()
+    monkeypatch.setattr(slow.extensions["dcap"], "caption", lambda *a, **k: stuck.wait(60))
+    slow_base = waitress_server(slow)
+    status, body = http_caption(slow_base, data)
+    stuck.set()
+    assert status == 504 and "--timeout" in body["error"]
+
+
+# ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
 def test_serve_without_run_trains_the_embedded_default_first(tmp_path, monkeypatch):

@@ -96,15 +96,23 @@ class CombinedDataset(FileCaptionDataset):
                     out[split].append(merged)
         return out
 
-    def load_image(self, record: CaptionRecord) -> Image.Image:
-        """The member dataset loads its own record's image (embedded sources work too)."""
+    def _source(self, record: CaptionRecord) -> tuple[CaptionDataset, CaptionRecord]:
         if not self._sources:
             self.records()
         found = self._sources.get(record.image_id)
         if found is None:
             raise ValueError(f"combined: image id {record.image_id} is not in this dataset")
-        member, original = found
+        return found
+
+    def load_image(self, record: CaptionRecord) -> Image.Image:
+        """The member dataset loads its own record's image (embedded sources work too)."""
+        member, original = self._source(record)
         return member.load_image(original)
+
+    def group(self, record: CaptionRecord) -> str | None:
+        """The member dataset's group of its own record (nocaps' domain, shapes' object count)."""
+        member, original = self._source(record)
+        return member.group(original)
 
 
 def _member_config(dataset: CaptionDataset) -> dict[str, Any]:

@@ -478,6 +478,11 @@ class ShapesDataset(CaptionDataset):
             )
         return found.meta["scene"]
 
+    def group(self, record: CaptionRecord) -> str:
+        """Per-group metrics by the number of objects in the scene: ``1 object``, ``2 objects``."""
+        count = len(self.scene(record)["objects"])
+        return f"{count} object{'' if count == 1 else 's'}"
+
     def load_image(self, record: CaptionRecord) -> Image.Image:
         """Render the record's scene: an RGB ``image_size`` x ``image_size`` PIL image."""
         return render_scene(self.scene(record), self.image_size, self.antialias)

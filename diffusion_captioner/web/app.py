@@ -9,13 +9,15 @@
 Uploads are decoded in memory (never written to disk), capped at :data:`MAX_UPLOAD_BYTES`
 (413) and :data:`MAX_PIXELS` (400); one lock serialises the models, so concurrent requests are
 safe; every error answers JSON (API) or a plain line (page), the traceback goes to the log only.
+Caption requests go through :class:`~diffusion_captioner.web.limits.Admission`: at most
+``workers`` run at once and ``queue`` wait (more answer 503), each within ``timeout_s`` (else 504).
+:func:`serve` runs the app on waitress, a production WSGI server (pure Python, threads).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +33,14 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from diffusion_captioner.images import BadImageError, to_rgb
 from diffusion_captioner.inference import LoadedRun, generate_captions, load_run
 from diffusion_captioner.run_folder import RunFolder
+from diffusion_captioner.web.limits import (
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WORKERS,
+    Admission,
+    Overloaded,
+    TimedOut,
+)
 from registry import CaptionDecoder, DecoderKind, registered_name
 
 logger = logging.getLogger(__name__)
@@ -227,11 +237,14 @@ def _error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
 
 def create_app(run_dir: str | Path | None = None, *, loaded: LoadedRun | None = None,
                decoders: list[str] | None = None, device: str = "cpu",
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, workers: int = DEFAULT_WORKERS,
+               queue: int = DEFAULT_QUEUE, timeout_s: float = DEFAULT_TIMEOUT_S) -> Flask:
     """The Flask app over a ``dcap compare`` run folder (every decoder, or ``decoders``).
 
-    Pass ``loaded`` instead of ``run_dir`` to serve models already in memory.
+    Pass ``loaded`` instead of ``run_dir`` to serve models already in memory. ``workers``,
+    ``queue`` and ``timeout_s`` bound the caption requests (:class:`Admission`).
     """
+    admission = Admission(workers, queue, timeout_s)  # bad limits fail before any model loads
     if loaded is None:
         if run_dir is None:
             raise ValueError("create_app needs a run folder (or loaded=LoadedRun)")
@@ -244,6 +257,7 @@ def create_app(run_dir: str | Path | None = None, *, loaded: LoadedRun | None = 
     app.config.update(MAX_CONTENT_LENGTH=max_upload_bytes + _ENVELOPE_BYTES)
     app.json.sort_keys = False
     app.extensions["dcap"] = service
+    app.extensions["dcap_admission"] = admission
     too_large = f"upload too large: the limit is {max_upload_bytes / 2**20:g} MB"
 
     @app.get("/")
@@ -282,7 +296,15 @@ def create_app(run_dir: str | Path | None = None, *, loaded: LoadedRun | None = 
             return _error(400, str(error))
         started = time.perf_counter()
         try:
-            answers = service.caption(image, names, steps=steps, trajectory=trajectory)
+            answers = admission.run(lambda: service.caption(image, names, steps=steps,
+                                                            trajectory=trajectory))
+        except Overloaded as error:
+            logger.info("caption request refused: %s", error)
+            response, status = _error(503, str(error))
+            response.headers["Retry-After"] = "1"
+            return response, status
+        except TimedOut as error:
+            return _error(504, str(error))
         except ValueError as error:  # a decoder refusing an option (e.g. too many steps)
             logger.info("caption request refused: %s", error)
             return _error(400, " ".join(str(error).split()))
@@ -321,28 +343,70 @@ def run_is_finished(run: str | Path, names: list[str]) -> bool:
     return RunFolder(Path(run)).is_finished(names)
 
 
-def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``app`` with werkzeug's threaded server until Ctrl+C."""
-    from werkzeug.serving import make_server
+#: Server threads beyond ``workers + queue`` (whose requests hold a thread while they run or
+#: wait): they answer the page, ``/api/decoders`` and the 503s while the queue is full.
+SPARE_THREADS = 4
 
-    try:  # werkzeug prints and exits on a taken port: probe first for a one-line error
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, int(port)))
-        server = make_server(host, int(port), app, threaded=True)
-    except (OSError, SystemExit) as error:
-        reason = getattr(error, "strerror", None) or "address unavailable"
-        raise ValueError(f"cannot serve on {host}:{port}: {reason}") from error
-    service: CaptionService = app.extensions["dcap"]
-    package_logger = logging.getLogger("diffusion_captioner.web")
-    if package_logger.level == logging.NOTSET:  # as werkzeug does for its request lines
-        package_logger.setLevel(logging.INFO)
-    logger.info("serving run %s (%s) on http://%s:%d/ ; Ctrl+C stops", service.run_name,
-                ", ".join(service.names), host, server.server_port)
+
+def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000):
+    """A waitress server for ``app``, bound and listening but not yet running (``.run()``).
+
+    Threads: ``workers + queue + SPARE_THREADS`` of the app's :class:`Admission`, so every
+    admitted request holds a thread and a request over the limit still reaches the app and is
+    answered 503 at once. Waitress refuses bodies over twice the app's upload limit itself (the
+    app answers 413 JSON for anything between) and keeps every body up to that in memory
+    (``inbuf_overflow``; by default it spools bodies over 512 KB to a temporary file, and
+    uploads must never touch the disk). A taken port is one ``ValueError`` line.
+    """
+    from waitress.server import create_server
+
+    admission: Admission = app.extensions["dcap_admission"]
+    limit = int(app.config.get("MAX_CONTENT_LENGTH") or MAX_UPLOAD_BYTES)
     try:
-        server.serve_forever()
+        return create_server(
+            app, host=host, port=int(port), threads=admission.capacity + SPARE_THREADS,
+            connection_limit=max(100, 2 * (admission.capacity + SPARE_THREADS)),
+            max_request_body_size=2 * limit, inbuf_overflow=2 * limit + 1,
+            channel_timeout=max(60, int(admission.timeout_s) + 30), ident="dcap")
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or "address unavailable"
+        raise ValueError(f"cannot serve on {host}:{port}: {reason}") from error
+
+
+def stop_server(server, thread: threading.Thread | None = None, timeout: float = 10.0) -> None:
+    """Stop a waitress server whose ``run()`` is in ``thread``: its sockets are closed from
+    inside its own loop (through its trigger, so no ``select`` sees a closed descriptor), the
+    loop ends with nothing left to watch, then its worker threads are shut down."""
+    from waitress.channel import HTTPChannel
+
+    def close_all() -> None:  # runs in the server's loop thread
+        for channel in list(server._map.values()):
+            if isinstance(channel, HTTPChannel):
+                channel.handle_close()
+        server.close()  # the listening socket and the trigger
+
+    server.trigger.pull_trigger(close_all)
+    if thread is not None:
+        thread.join(timeout)
+    server.task_dispatcher.shutdown(timeout=timeout)
+
+
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``app`` with waitress until Ctrl+C (``dcap serve``)."""
+    server = make_server(app, host, port)
+    service: CaptionService = app.extensions["dcap"]
+    admission: Admission = app.extensions["dcap_admission"]
+    package_logger = logging.getLogger("diffusion_captioner.web")
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO)
+    logger.info("serving run %s (%s) on http://%s:%d/ with waitress: %d worker(s), queue %d, "
+                "%g s per request; Ctrl+C stops", service.run_name, ", ".join(service.names),
+                host, server.effective_port, admission.workers, admission.queue,
+                admission.timeout_s)
+    try:
+        server.run()
     except KeyboardInterrupt:
         logger.info("stopped")
     finally:
-        server.server_close()
+        admission.close()
+        server.close()
