@@ -21,6 +21,7 @@ of the model: changing them never retrains anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -92,7 +93,7 @@ class GenerationOptions:
         if unknown:
             raise ValueError(f"{owner} has no generation option {', '.join(unknown)}; it takes: "
                              f"{', '.join(cls.names()) or '(none)'}")
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         values = {name: _checked(value, hints[name], f"{owner}: generation option {name}")
                   for name, value in given.items()}
         return cls(**values)
@@ -103,6 +104,13 @@ class GenerationOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of an options class (resolved once: ``generate`` parses its
+    options on every call)."""
+    return typing.get_type_hints(cls)
 
 
 def _checked(value: Any, hint: Any, what: str) -> Any:
