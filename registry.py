@@ -148,6 +148,7 @@ class CaptionDecoder(nn.Module, Registrable):
                 recorded.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
             # the outermost constructor returns last: a subclass's arguments win
             object.__setattr__(self, "_recorded_config", copy.deepcopy(recorded))
+            object.__setattr__(self, "_hparams", types.MappingProxyType(self._recorded_config))
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -221,7 +222,7 @@ class CaptionDecoder(nn.Module, Registrable):
     @property
     def hparams(self) -> Mapping[str, Any]:
         """:attr:`config` read-only and uncopied, for the decoder's own hot paths."""
-        return types.MappingProxyType(self.__dict__["_recorded_config"])
+        return self.__dict__["_hparams"]
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

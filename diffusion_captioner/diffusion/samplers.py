@@ -122,8 +122,9 @@ class RefineSampler(Sampler):
         positions = torch.arange(length, device=x0_hat.device)  # (L,)
         span = run.lengths
         if span is None:
-            stops = torch.tensor(run.stop_ids, device=words.device)  # (S,)
-            stop = torch.isin(words, stops)  # (B, L)
+            stop = words == run.stop_ids[0]  # (B, L)
+            for other in run.stop_ids[1:]:
+                stop |= words == other  # (B, L)
             first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
             span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
         redo = span * (total - done) // total  # (B,)
