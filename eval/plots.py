@@ -98,18 +98,21 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
     if not any(logs.values()):
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
+    positive = False  # a log axis needs a positive loss (nearest's is always 0)
     for index, (name, rows) in enumerate(logs.items()):
         color = f"C{index}"
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        positive = positive or any(value > 0 for _, value in train + val)
         if train:  # a marker too, so a run with one logged step still shows
             axis.plot(*zip(*train, strict=True), color=color, label=f"{name} train",
                       marker="." if len(train) < 20 else None)
         if val:
             axis.plot(*zip(*val, strict=True), color=color, linestyle="--", marker=".",
                       label=f"{name} val")
-    axis.set_yscale("log")
-    _plain_numbers(axis)
+    if positive:
+        axis.set_yscale("log")
+        _plain_numbers(axis)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (each decoder's own)")
     axis.set_title("Training curves")

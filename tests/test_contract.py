@@ -183,3 +183,32 @@ def test_the_readme_plugin_example_runs_as_written(clean_registry, tmp_path, mon
     decoder.save_pretrained(tmp_path / "checkpoint")
     loaded = CaptionDecoder.from_pretrained(tmp_path / "checkpoint")
     assert loaded.config == decoder.config and loaded.generate(features) == ["a circle"] * 2
+
+
+def test_other_generation_options_rescore_the_trained_checkpoint_without_retraining(
+        tiny_clip_dir, tmp_path):
+    import json
+
+    from conftest import TINY_SHAPES
+
+    from diffusion_captioner.comparison import compare
+
+    def run(k: int, decoder: dict | None = None) -> Path:
+        preset = tmp_path / f"k{k}.json"
+        preset.write_text(json.dumps({
+            "include": ["embedded"], "speed": False,
+            "decoders": {"nearest": {"decoder": decoder or {}, "generate": {"k": k}}}}))
+        compare(["nearest"], tmp_path / "run", preset=str(preset), dataset=TINY_SHAPES,
+                encoder=f"local-dir:{tiny_clip_dir}", cache_dir=tmp_path / "cache",
+                progress=False)
+        return tmp_path / "run" / "nearest"
+
+    folder = run(1)
+    log, weights = (folder / "train_log.jsonl").read_text(), folder / "checkpoint" / "best"
+    trained_at = (weights / "model.safetensors").stat().st_mtime_ns
+    folder = run(3)
+    assert (folder / "train_log.jsonl").read_text() == log  # not trained again
+    assert (weights / "model.safetensors").stat().st_mtime_ns == trained_at
+    assert json.loads((folder / "summary.json").read_text())["generate"] == {"k": 3}
+    with pytest.raises(ValueError, match=r"decoder\.k differ"):  # a model setting still binds
+        run(3, decoder={"k": 2})
