@@ -61,8 +61,9 @@ class NearestOptions(GenerationOptions):
 
 @CaptionDecoder.register("nearest")
 class NearestDecoder(CaptionDecoder):
-    """Nearest-neighbour retrieval (Devlin et al. 2015): the consensus caption of the k nearest
-    training images.
+    """Nearest-neighbour retrieval (Devlin et al. 2015): the k nearest training images' consensus.
+
+    A test image gets the consensus caption of the k nearest training images' captions.
 
     Args:
         feature_dim: D, the CLIP feature size.
