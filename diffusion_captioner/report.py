@@ -122,10 +122,14 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     stats = {n: s["caption_stats"] for n, s in decoders.items() if "caption_stats" in s}
     if stats:
         lines += ["## Caption statistics", "",
-                  "| decoder | repeated-word captions | repeated tokens | mean length | "
-                  "vocabulary | empty | copied from train |", "|---|---|---|---|---|---|---|"]
+                  "| decoder | repeated-word captions | repeated-phrase captions | repeated tokens "
+                  "| mean length | vocabulary | empty | copied from train |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, s in stats.items():
-            lines.append(f"| {name} | {s['repeated_word_rate']:.1%} | {s['repeated_token_rate']:.1%} | "
+            phrase = s.get("repeated_phrase_rate")  # absent from summaries written before it
+            lines.append(f"| {name} | {s['repeated_word_rate']:.1%} | "
+                         f"{'-' if phrase is None else f'{phrase:.1%}'} | "
+                         f"{s['repeated_token_rate']:.1%} | "
                          f"{s['mean_length']:.2f} | {s['vocabulary']} | {s['empty_rate']:.1%} | "
                          f"{s['copied_from_train']:.1%} |")
         lines.append("")

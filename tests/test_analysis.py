@@ -94,6 +94,15 @@ def test_caption_statistics_expose_repeats_and_copies():
     assert stats["mean_length"] == pytest.approx(7 / 3)
 
 
+def test_a_repeated_content_phrase_is_one_object_named_twice():
+    named_twice = ["a large red circle above a large red circle",
+                   "a blue square to the left of a blue square ."]
+    two_objects = ["a small red square left of a small red cross",  # shared words, two objects
+                   "a red circle and a red circle-like square", "a big blue square", ""]
+    stats = caption_statistics(named_twice + two_objects)
+    assert stats["repeated_phrase_rate"] == pytest.approx(2 / 6)
+
+
 def test_crossover_and_median():
     fast_small = [{"batch": b, "captions_per_second": v} for b, v in ((1, 100), (16, 200), (64, 300))]
     fast_large = [{"batch": b, "captions_per_second": v} for b, v in ((1, 50), (16, 250), (64, 900))]
