@@ -65,6 +65,7 @@ from transformers import PreTrainedModel
 
 from diffusion_captioner.diffusion.denoiser import Denoiser, FusionName, build_masked_lm
 from diffusion_captioner.diffusion.samplers import (
+    RefineScheduleName,
     SamplerName,
     SamplingRun,
     sampler_for,
@@ -113,6 +114,9 @@ class DiffusionOptions(GenerationOptions):
             trained one; another value warns).
         seed: seeds the noise (a private generator: deterministic, global RNG untouched); None
             draws from the global RNG.
+        refine_schedule: how many positions ``refine`` restarts after each step: ``linear``
+            (mask-predict), ``cosine`` (MaskGIT) or ``threshold`` (those whose confidence is
+            under ``refine_threshold``).
     """
 
     steps: int = 5
@@ -121,6 +125,8 @@ class DiffusionOptions(GenerationOptions):
     guidance: float = 0.0
     temperature: float | None = None
     seed: int | None = 0
+    refine_schedule: RefineScheduleName = "linear"
+    refine_threshold: float = 0.9
 
 
 @CaptionDecoder.register("diffusion")
@@ -655,11 +661,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     # ---------------------------------------------------------------- generation
     def sampling_run(self, timesteps: list[int], table: torch.Tensor | None,
                      lengths: torch.Tensor | None, noise: Callable[[], torch.Tensor],
-                     temperature: float = 1.0) -> SamplingRun:
+                     temperature: float = 1.0, options: DiffusionOptions | None = None
+                     ) -> SamplingRun:
         """What a sampler needs of this decoder for one ``generate`` call (not the decoder)."""
+        options = options or DiffusionOptions()
         return SamplingRun(self.schedule, self.lm_logits, self.embed,
                            (self.end_token_id, self.pad_token_id), timesteps, table, lengths,
-                           noise, temperature)
+                           noise, temperature, options.refine_schedule, options.refine_threshold)
 
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,
@@ -735,7 +743,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
                                      self.pad_token_id)  # (B, L)
             clean_suffix = self.embed(suffix_ids)  # (B, L, E)
-        run = self.sampling_run(timesteps, table, lengths, gaussian, tau)
+        run = self.sampling_run(timesteps, table, lengths, gaussian, tau, options)
         x0_hat, previous = x_t, None
         per_step: list[list[str]] = []
         for i in range(len(timesteps)):

@@ -23,6 +23,7 @@ Diffusion-LM). A sampler is a class registered in :data:`SAMPLERS` under its nam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -32,6 +33,10 @@ import torch
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, StepMode, clamp_to_vocabulary
 
 SamplerName = Literal["feed", "ddim", "renoise", "refine"]
+#: How many span positions ``refine`` restarts after step k of K: ``linear`` floor(n (K - k) / K)
+#: (mask-predict), ``cosine`` floor(n cos(pi k / 2K)) (MaskGIT), ``threshold`` those whose
+#: confidence is under ``refine_threshold``.
+RefineScheduleName = Literal["linear", "cosine", "threshold"]
 
 
 @dataclass
@@ -59,6 +64,8 @@ class SamplingRun:
     lengths: torch.Tensor | None
     noise: Callable[[], torch.Tensor]
     temperature: float = 1.0
+    refine_schedule: RefineScheduleName = "linear"
+    refine_threshold: float = 0.9
 
 
 class Sampler:
@@ -127,11 +134,18 @@ class RefineSampler(Sampler):
                 stop |= words == other  # (B, L)
             first_stop = torch.where(stop, positions, length).min(-1).values  # (B,)
             span = (first_stop + 1).clamp(max=length)  # (B,), words + end token
-        redo = span * (total - done) // total  # (B,)
         inside = positions[None] < span[:, None]  # (B, L)
-        order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
-        rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
-        noisy = rank < redo[:, None]  # (B, L)
+        if run.refine_schedule == "threshold":
+            noisy = inside & (confidence < run.refine_threshold)  # (B, L)
+        else:
+            if run.refine_schedule == "cosine":
+                share = math.cos(math.pi * done / (2 * total))
+                redo = (span * share).floor().long()  # (B,)
+            else:
+                redo = span * (total - done) // total  # (B,)
+            order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
+            rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
+            noisy = rank < redo[:, None]  # (B, L)
         t_next = torch.where(noisy, run.schedule.steps, 0).long()  # (B, L)
         committed = run.embed(words)  # (B, L, E)
         return torch.where(noisy[..., None], restart, committed), t_next
