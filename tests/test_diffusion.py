@@ -479,3 +479,38 @@ def test_refine_renoises_the_least_confident_share_of_the_span(tmp_path, done):
     assert torch.all(x_t[noisy] == 0)  # the run's noise
     with pytest.raises(ValueError, match="feed, ddim, renoise, refine"):
         sampler_for("euler")
+
+
+def test_image_guidance_halves_share_one_call_and_w_zero_is_unguided(tmp_path):
+    decoder = build_tiny(tmp_path, image_dropout=0.5).eval()
+    features = fixed_batch()["features"][:2]
+    parts = decoder.train().loss(fixed_batch())  # the null image is trained
+    parts["loss"].backward()
+    assert decoder.null_image.grad is not None and decoder.null_image.grad.abs().sum() > 0
+    decoder.eval()
+    calls = []
+    original = decoder.denoiser.forward
+    decoder.denoiser.forward = lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k)
+    decoder.generate(features, steps=3, image_guidance=1.0)
+    assert calls == [4, 4, 4]  # one call per step, both halves (2 x B rows) in it
+    calls.clear()
+    assert decoder.generate(features, steps=3, image_guidance=0.0) == decoder.generate(features,
+                                                                                      steps=3)
+    assert calls == [2] * 6  # w = 0 is the unguided path
+    decoder.denoiser.forward = original
+    x_t = torch.randn(2, decoder.max_length, decoder.word_embeddings.shape[1])
+    t = torch.full((2,), 50)
+    image = decoder._features(features)
+    text = decoder._prior(image)
+    null = decoder.null_image.expand_as(image)
+    pair = decoder.denoiser.project(torch.cat([image, null]), torch.cat([text, text]))
+
+    def guided(w):
+        return decoder._guided_x0(x_t, t, image, text, 0.0, None, pair, image_guidance=w)
+
+    unguided = decoder._guided_x0(x_t, t, image, text, 0.0, None)
+    # (1 + w) cond - w uncond is linear in w and passes through the unguided output at w = 0
+    torch.testing.assert_close(guided(2.0) - guided(1.0), guided(1.0) - unguided,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="image_dropout > 0"):
+        build_tiny(tmp_path).generate(features, image_guidance=1.0)

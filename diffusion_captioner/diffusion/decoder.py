@@ -114,6 +114,9 @@ class DiffusionOptions(GenerationOptions):
             trained one; another value warns).
         seed: seeds the noise (a private generator: deterministic, global RNG untouched); None
             draws from the global RNG.
+        image_guidance: w', classifier-free guidance on the image (needs ``image_dropout`` in
+            training): ``(1 + w') f(x_t, image) - w' f(x_t, none)``, both halves in one batched
+            call.
         refine_schedule: how many positions ``refine`` restarts after each step: ``linear``
             (mask-predict), ``cosine`` (MaskGIT) or ``threshold`` (those whose confidence is
             under ``refine_threshold``).
@@ -127,6 +130,7 @@ class DiffusionOptions(GenerationOptions):
     seed: int | None = 0
     refine_schedule: RefineScheduleName = "linear"
     refine_threshold: float = 0.9
+    image_guidance: float = 0.0
 
 
 @CaptionDecoder.register("diffusion")
@@ -153,6 +157,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             trained on half the batches with a no-grad first pass.
         text_condition: a text-feature slot for classifier-free guidance (and the text prior).
         text_dropout: p_uncond, the probability a row's text feature is dropped in training.
+        image_dropout: the probability a training row's image feature is replaced by a learned
+            "no image" feature (its text slot dropped too), for classifier-free guidance on the
+            image (``image_guidance``; LaDiC uses 0.1).
         schedule: ``"linear"``, ``"cosine"`` or ``"sqrt"``; diffusion_steps: T.
         restore_loss: ``"mse"`` or ``"l1"``; x1_loss: add the x_1 restoring (and rounding) term.
         rounding_weight: lambda; dynamic_rounding: C for lambda = C * L_simple' / L_R (None: fixed).
@@ -229,6 +236,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self_conditioning: bool = False,
         text_condition: bool = True,
         text_dropout: float = 0.2,
+        image_dropout: float = 0.0,
         schedule: ScheduleName = "cosine",
         diffusion_steps: int = 1000,
         restore_loss: RestoreLoss = "mse",
@@ -257,6 +265,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                              f"{', '.join(RESTORE_LOSSES)}")
         if max_length < 2:
             raise ValueError("diffusion: max_length must be >= 2 (a word and the end token)")
+        if not 0.0 <= image_dropout < 1.0:
+            raise ValueError(f"diffusion: image_dropout must be in [0, 1), got {image_dropout}")
         if not 0.0 <= text_dropout <= 1.0:
             raise ValueError(f"diffusion: text_dropout must be in [0, 1], got {text_dropout}")
         if embed_scale <= 0:
@@ -303,6 +313,10 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                 f"{self.denoiser.fusion.extra_tokens} CLIP tokens exceeds DistilBERT's "
                 f"{mlm.config.max_position_embeddings} positions"
             )
+        # classifier-free guidance on the image: a learned "no image" feature replaces the
+        # image (and the text slot is dropped) in an image_dropout share of training rows
+        self.null_image = (torch.nn.Parameter(torch.randn(int(feature_dim)))
+                           if image_dropout > 0 else None)
         self.text_prior = (
             torch.nn.Linear(int(feature_dim), int(feature_dim)) if text_condition else None
         )
@@ -487,6 +501,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             text = None
             keep = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
+        denoiser_image = image
+        if self.null_image is not None:  # drop the image (and the text slot) in a share of rows
+            image_keep = uniform(batch_size) >= self.hparams["image_dropout"]  # (B,)
+            denoiser_image = torch.where(image_keep[:, None], image, self.null_image)  # (B, D)
+            keep = keep & image_keep
         t = self._draw_timesteps(ids, uniform, generator)  # (N B,) or (N B, L)
         length, width = ids.shape[1], self.word_embeddings.shape[1]
         if self.hparams["shared_noise"]:  # one draw per caption, at each of its N timesteps
@@ -496,7 +515,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self_condition = self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5)
         # the x_1 term's noise is drawn after the x_t forward (dropout draws from the same RNG)
         noise_1 = (lambda: gaussian(batch_size, length, width)) if self.hparams["x1_loss"] else None
-        parts = self.denoising_loss(ids, image, text, keep, t, noise, noise_1, self_condition)
+        parts = self.denoising_loss(ids, denoiser_image, text, keep, t, noise, noise_1,
+                                    self_condition)
         total = parts["loss"]
         if self.length_head is not None:
             words = self.end_positions(ids)  # (B,)
@@ -672,11 +692,23 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,
                    self_cond: torch.Tensor | None,
-                   projected: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                   ) -> torch.Tensor:
-        """``(1 + w) f(x_t, z_img, z_txt_hat) - w f(x_t, z_img, -)``; f(., z_img, -) without a
-        text slot (or with no text prior). ``projected``: :meth:`Denoiser.project` of image and
-        text, made once per ``generate`` rather than once per step."""
+                   projected: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                   image_guidance: float = 0.0) -> torch.Tensor:
+        """``(1 + w) f(x_t, z_img, z_txt_hat) - w f(x_t, z_img, -)`` (text guidance, two calls);
+        f(., z_img, -) without a text slot (or with no text prior). With ``image_guidance`` w'
+        instead: ``(1 + w') f(x_t, z_img, z_txt_hat) - w' f(x_t, none)``, both halves in one
+        batched call of 2B rows, ``projected`` then holding the 2B rows' projections (image
+        rows, then the null image's). ``projected``: :meth:`Denoiser.project`'s output, made
+        once per ``generate`` rather than once per step."""
+        if image_guidance != 0:
+            batch = x_t.shape[0]
+            both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731 - (2B, ...)
+            dropped = torch.arange(2 * batch, device=x_t.device) < batch  # (2B,) text kept
+            out = self.denoise(both(x_t), both(t), both(image), both(text),
+                               dropped if text is not None else None, both(self_cond),
+                               projected)  # (2B, L, E)
+            cond, uncond = out[:batch], out[batch:]  # (B, L, E) each
+            return (1 + image_guidance) * cond - image_guidance * uncond
         projected = self.denoiser.project(image, text) if projected is None else projected
         if text is None:
             return self.denoise(x_t, t, image, None, None, self_cond, projected)
@@ -718,13 +750,24 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             logger.warning("diffusion: %d steps asked, the schedule has T = %d: running %d", k,
                            self.schedule.steps, self.schedule.steps)
             k = self.schedule.steps
+        w_image = options.image_guidance
+        if w_image != 0 and self.null_image is None:
+            raise ValueError("diffusion: image_guidance needs a model trained with "
+                             "image_dropout > 0 (it learns the no-image condition)")
+        if w_image != 0 and w != 0:
+            raise ValueError("diffusion: use guidance (text) or image_guidance, not both")
         if w != 0 and self.text_prior is None:
             logger.warning("diffusion: guidance %.2f ignored: the model has no text condition "
                            "(text_condition=False)", w)
         batch = features.shape[0]
         image = self._features(features)  # (B, D)
         text = self._prior(image) if self.text_prior is not None else None
-        projected = self.denoiser.project(image, text)  # the same for every step
+        if w_image != 0:  # the guided pair's 2B rows: the images, then the null image's
+            null = self.null_image.to(image.dtype).expand_as(image)  # (B, D)
+            projected = self.denoiser.project(torch.cat([image, null]),
+                                              None if text is None else torch.cat([text, text]))
+        else:
+            projected = self.denoiser.project(image, text)  # the same for every step
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         shape = (batch, self.max_length, self.word_embeddings.shape[1])
 
@@ -750,7 +793,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             if suffix is not None:
                 x_t = torch.where(suffix[..., None], clean_suffix, x_t)  # (B, L, E)
                 t = torch.where(suffix, 0, t if t.dim() == 2 else t[:, None].expand_as(suffix))
-            x0_hat = self._guided_x0(x_t, t, image, text, w, previous, projected)  # (B, L, E)
+            x0_hat = self._guided_x0(x_t, t, image, text, w, previous, projected,
+                                     w_image)  # (B, L, E)
             if return_trajectory:
                 step_ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
                 if suffix is not None:
