@@ -71,6 +71,25 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _budget_line(decoders: dict[str, Any]) -> str | None:
+    """The training budgets side by side: each decoder's step (or epoch) and wall-clock limits,
+    and which one stopped it, so that unequal training is visible in the report itself."""
+    parts = []
+    for name, summary in decoders.items():
+        train = summary.get("train") or {}
+        if not train:
+            continue
+        minutes = train.get("max_minutes")
+        limit = (f"{train['epochs']} epoch(s)" if train.get("epochs") else
+                 f"{train.get('max_steps')} steps" if train.get("max_steps") else "no step limit")
+        clock = f"{minutes * 60:.0f} s" if minutes else "no time limit"
+        by_clock = bool(minutes) and summary["train_seconds"] >= minutes * 60 - 1
+        used = f"stopped by the {'clock' if by_clock else 'step budget'} at " \
+               f"{summary['train_steps']} steps, {summary['train_seconds']:.0f} s"
+        parts.append(f"{name} {limit} / {clock} ({used})")
+    return ("- training budgets (steps / wall clock): " + "; ".join(parts)) if parts else None
+
+
 def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     """The side-by-side markdown report of a run."""
     decoders = metrics["decoders"]
@@ -105,6 +124,9 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
             f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
             f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
     lines.append("")
+    budgets = _budget_line(decoders)
+    if budgets:
+        lines.append(budgets)
     for metric, reason in sorted(skipped.items()):
         lines.append(f"- {metric} skipped: {reason}")
     paper = {n: s["paper_bleu"] for n, s in decoders.items() if "paper_bleu" in s}

@@ -104,3 +104,15 @@ def test_plots_are_written(tmp_path):
                         {"step": 2, "val_loss": 2.5}]}
     assert plot_training_curves(logs, tmp_path / "t.png").stat().st_size > 1000
     assert plot_quality_vs_steps({"clipcap": metrics["decoders"]["clipcap"]}, tmp_path / "n.png") is None
+
+
+def test_the_report_states_each_decoders_training_budget_and_what_stopped_it():
+    from diffusion_captioner.report import _budget_line
+
+    line = _budget_line({
+        "fast": {"train": {"max_steps": 100, "max_minutes": 1.0}, "train_steps": 100,
+                 "train_seconds": 20.0},
+        "slow": {"train": {"max_steps": 900, "max_minutes": 1.0}, "train_steps": 410,
+                 "train_seconds": 60.2}})
+    assert "fast 100 steps / 60 s (stopped by the step budget at 100 steps, 20 s)" in line
+    assert "slow 900 steps / 60 s (stopped by the clock at 410 steps, 60 s)" in line
