@@ -182,9 +182,12 @@ def compare(
         from diffusion_captioner.presets import load_preset
 
         dataset = load_preset(preset).get("dataset")
+    from diffusion_captioner.presets import decoder_plan, load_preset
+
     names = as_list(decoders) or registry.available("decoder")
-    for name in names:
-        registry.resolve("decoder", name)  # fail before any work on an unknown name
+    loaded_preset = load_preset(preset)
+    for name in names:  # fail before any work on an unknown name (a preset row names its type)
+        registry.resolve("decoder", decoder_plan(loaded_preset, name)["decoder"]["type"])
     configs = as_dict(decoder_config, "decoder-config") or {}
     stray = sorted(set(configs) - set(names))
     if stray or not all(isinstance(v, dict) for v in configs.values()):

@@ -25,6 +25,7 @@ import jsonlines
 import torch
 
 from diffusion_captioner import analysis
+from diffusion_captioner.distillation import DistillPlan, distilled_pairs, teacher_captions
 from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.hub import check_available
@@ -138,6 +139,15 @@ def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json
 
 
 @dataclass
+class Teacher:
+    """A distilled decoder's teacher: its trained decoder, generation options and training time."""
+
+    decoder: CaptionDecoder
+    generate: dict[str, Any]
+    train_seconds: float
+
+
+@dataclass
 class DecoderOutcome:
     """What :func:`run_decoder` gives: the summary and, when it trained or scored now, the best
     decoder, its default test captions and per-image scores, kept in memory for the report."""
@@ -150,15 +160,18 @@ class DecoderOutcome:
 
 def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
                 clip_prompt: str = "", progress: bool = True,
-                log_with: Sequence[str] = ()) -> DecoderOutcome:
+                log_with: Sequence[str] = (), teacher: Teacher | None = None) -> DecoderOutcome:
     """Train, generate and score one decoder into ``out/<name>``.
 
     Only the decoder and train settings bind a folder (``plan.json``): other generation options
     than the summary's reuse the trained checkpoint and score it again. ``log_with``:
     experiment trackers (``tracking.py``) that get the training log and, at the last step, the
-    test metrics as ``test/<metric>``; they write under ``out/tracker``."""
+    test metrics as ``test/<metric>``; they write under ``out/tracker``. ``teacher``: for a
+    decoder with a ``distill`` block, the trained teacher whose captions of the training images
+    replace a share of its targets (:mod:`diffusion_captioner.distillation`)."""
     folder = out.decoder(name)
-    check_same_plan(folder.root, {"decoder": plan.decoder, "train": plan.train})
+    check_same_plan(folder.root, {"decoder": plan.decoder, "train": plan.train,
+                                  "distill": plan.distill})
     summary = folder.read_summary()
     if summary is not None:
         if summary.get("generate") == plan.generate:
@@ -168,9 +181,19 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
     folder.root.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig.from_dict(plan.train)
     train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
+    pairs, teacher_record = CaptionPairs.from_split(train), None
+    if plan.distill:
+        if teacher is None:
+            raise ValueError(f"{name}: a distilled decoder needs its teacher's run")
+        distill = DistillPlan.from_dict(plan.distill, name)
+        captions = teacher_captions(teacher.decoder, train, teacher.generate)
+        atomic_write_json(folder.distill_captions, {str(k): v for k, v in captions.items()})
+        pairs = distilled_pairs(train, captions, distill, work.encoder)
+        teacher_record = {"name": distill.teacher, "ratio": distill.ratio,
+                          "train_seconds": teacher.train_seconds}
     torch.manual_seed(train_cfg.seed)
     decoder = build("decoder", plan.decoder, feature_dim=work.encoder.dim)
-    trainer = Trainer(decoder, CaptionPairs.from_split(train), CaptionPairs.from_split(val),
+    trainer = Trainer(decoder, pairs, CaptionPairs.from_split(val),
                       train_cfg, folder.root, progress=progress, log_with=log_with,
                       tracker_dir=out.tracker, tracker_name=name)
     state = trainer.fit(resume=True, end_tracking=False)
@@ -217,6 +240,8 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         caption_stats=caption_statistics(
             list(default_results.values()), (c for r in train.records for c in r.captions)),
     )
+    if teacher_record is not None:
+        summary["teacher"] = teacher_record
     folder.summary.write_text(json.dumps(summary, indent=2, default=str))
     trainer.end_tracking()
     return DecoderOutcome(summary, best, default_results, per_image)
@@ -263,7 +288,13 @@ def compare(
         entry = decoder_plan(plan, name)
         plans[name] = DecoderPlan(
             {**entry["decoder"], **(decoder_overrides or {}).get(name, {})},
-            {**entry["train"], **(train_overrides or {})}, entry["generate"])
+            {**entry["train"], **(train_overrides or {})}, entry["generate"], entry["distill"])
+    for name, p in plans.items():  # a teacher trains first, in the same run
+        if p.distill:
+            teacher = DistillPlan.from_dict(p.distill, name).teacher
+            if teacher not in plans or list(plans).index(teacher) > list(plans).index(name):
+                raise ValueError(f"{name} distils {teacher!r}: run the teacher too, before it "
+                                 f"(--decoders {teacher},{name})")
     config = RunConfig(
         command=command or shlex.join(["dcap", *sys.argv[1:]]), preset=preset,
         dataset=dataset_cfg, encoder=encoder_cfg, decoders=plans, device=device,
@@ -305,8 +336,16 @@ def compare(
     if test_groups:  # for `dcap evaluate --groups runs/NAME/groups_test.json`
         atomic_write_json(run.groups, {str(k): v for k, v in test_groups.items()}, indent=2)
     prompt = clipscore_prompt(encoder_cfg)
-    outcomes = {name: run_decoder(name, plans[name], work, run, prompt, progress, log_with)
-                for name in plans}
+    outcomes: dict[str, DecoderOutcome] = {}
+    for name, p in plans.items():
+        teacher = None
+        if p.distill:
+            source = DistillPlan.from_dict(p.distill, name).teacher
+            done = outcomes[source]
+            teacher = Teacher(done.decoder if done.decoder is not None
+                              else load_best(run, source, plans[source], device),
+                              plans[source].generate, float(done.summary["train_seconds"]))
+        outcomes[name] = run_decoder(name, p, work, run, prompt, progress, log_with, teacher)
     # what was trained or scored now stays in memory; only resumed decoders are read back
     names = list(outcomes)
     best = {name: o.decoder if o.decoder is not None

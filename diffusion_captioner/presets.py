@@ -49,7 +49,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def decoder_plan(preset: dict[str, Any], name: str) -> dict[str, Any]:
-    """``{"decoder": cfg, "train": cfg, "generate": opts}`` for decoder ``name`` under ``preset``.
+    """``{"decoder": cfg, "train": cfg, "generate": opts, "distill": block}`` for decoder
+    ``name`` under ``preset`` (``distill``: :mod:`diffusion_captioner.distillation`).
 
     A decoder the preset does not know (a user's plugin) gets ``{"type": name}`` and the preset's
     default ``train`` block.
@@ -57,4 +58,5 @@ def decoder_plan(preset: dict[str, Any], name: str) -> dict[str, Any]:
     entry = preset.get("decoders", {}).get(name, {})
     decoder = {"type": name, **entry.get("decoder", {})}
     train = merge(preset.get("train", {}), entry.get("train", {}))
-    return {"decoder": decoder, "train": train, "generate": dict(entry.get("generate", {}))}
+    return {"decoder": decoder, "train": train, "generate": dict(entry.get("generate", {})),
+            "distill": dict(entry.get("distill") or {})}

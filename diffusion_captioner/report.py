@@ -71,6 +71,16 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _train_time(summary: dict[str, Any]) -> str:
+    """A decoder's training time; a distilled one's teacher's added (its row pays for it)."""
+    own = f"{summary['train_seconds']:.0f} s"
+    teacher = summary.get("teacher")
+    if not teacher:
+        return own
+    total = summary["train_seconds"] + teacher["train_seconds"]
+    return f"{total:.0f} s ({own} + {teacher['name']} teacher {teacher['train_seconds']:.0f} s)"
+
+
 def _budget_line(decoders: dict[str, Any]) -> str | None:
     """The training budgets side by side: each decoder's step (or epoch) and wall-clock limits,
     and which one stopped it, so that unequal training is visible in the report itself."""
@@ -122,7 +132,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
             f"{_format(one['ms_per_caption']) if one else '-'} | "
             f"{_format(many['captions_per_second']) if many else '-'} | "
             f"{params['total'] / 1e6:.2f}M ({params['trainable'] / 1e6:.2f}M) | "
-            f"{summary['train_steps']} | {summary['train_seconds']:.0f} s |")
+            f"{summary['train_steps']} | {_train_time(summary)} |")
     lines.append("")
     budgets = _budget_line(decoders)
     if budgets:

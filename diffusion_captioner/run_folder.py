@@ -35,14 +35,16 @@ class DecoderPlan:
     decoder: dict[str, Any]
     train: dict[str, Any]
     generate: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)  # {} or {"teacher", "ratio", "seed"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecoderPlan:
         return cls(dict(data["decoder"]), dict(data.get("train", {})),
-                   dict(data.get("generate", {})))
+                   dict(data.get("generate", {})), dict(data.get("distill") or {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"decoder": self.decoder, "train": self.train, "generate": self.generate}
+        out = {"decoder": self.decoder, "train": self.train, "generate": self.generate}
+        return {**out, "distill": self.distill} if self.distill else out
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class DecoderSummary(TypedDict, total=False):
     clip_scores: dict[str, float]
     caption_stats: dict[str, Any]
     paper_bleu: dict[str, Any]
+    teacher: dict[str, Any]  # a distilled decoder's teacher: name, ratio, train_seconds
 
 
 class SpeedRow(TypedDict):
@@ -164,6 +167,11 @@ class DecoderFolder:
     def metrics_by_group(self) -> Path:
         """Each test group's metrics, when the dataset gives its images groups."""
         return self.root / "metrics_by_group.json"
+
+    @property
+    def distill_captions(self) -> Path:
+        """The teacher's caption of every training image, for a distilled decoder."""
+        return self.root / "distill_captions.json"
 
     def results(self, steps: int | str | None = None) -> Path:
         """The COCO result file of the default options, or of the sweep at ``steps``."""
