@@ -514,3 +514,26 @@ def test_image_guidance_halves_share_one_call_and_w_zero_is_unguided(tmp_path):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="image_dropout > 0"):
         build_tiny(tmp_path).generate(features, image_guidance=1.0)
+
+
+def test_refine_repeats_restarts_a_repeated_phrase_before_anything_else(tmp_path):
+    from diffusion_captioner.diffusion.samplers import RefineSampler, repeated_ngrams
+
+    words = torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8, 0, 0]])
+    assert repeated_ngrams(words, 3).long().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
+                                                         [0] * 10]
+    assert repeated_ngrams(torch.tensor([[5, 5, 5]]), 2).tolist() == [[False] * 3]  # overlapping
+    decoder = build_tiny(tmp_path)
+    length, width = decoder.max_length, decoder.word_embeddings.shape[1]
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7] + [decoder.end_token_id]
+                        + [decoder.pad_token_id] * (length - 8)])  # (1, L): "w5 w6 w7 w8 w5 w6 w7"
+    x0_hat = decoder.embed(ids) * 4  # confidently those words
+    for repeats, restarted in ((0, None), (3, {4, 5, 6})):
+        run = decoder.sampling_run(decoder.schedule.inference_timesteps(5), None,
+                                   torch.tensor([8]), lambda: torch.zeros(1, length, width))
+        run = type(run)(**{**run.__dict__, "refine_repeats": repeats})
+        _, t = RefineSampler().next_input(run, x0_hat, x0_hat, torch.full((1,), 1), 2)
+        noisy = set((t[0] == decoder.schedule.steps).nonzero().flatten().tolist())
+        assert len(noisy) == 8 * 3 // 5  # the schedule's count either way
+        if restarted is not None:
+            assert restarted <= noisy  # the second "w5 w6 w7" goes first

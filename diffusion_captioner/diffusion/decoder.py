@@ -117,6 +117,9 @@ class DiffusionOptions(GenerationOptions):
         image_guidance: w', classifier-free guidance on the image (needs ``image_dropout`` in
             training): ``(1 + w') f(x_t, image) - w' f(x_t, none)``, both halves in one batched
             call.
+        refine_repeats: n > 0 makes ``refine`` restart, before any other position, the second
+            occurrence of every n-gram its current caption repeats (a parallel decoder naming
+            one object twice); 0: off.
         refine_schedule: how many positions ``refine`` restarts after each step: ``linear``
             (mask-predict), ``cosine`` (MaskGIT) or ``threshold`` (those whose confidence is
             under ``refine_threshold``).
@@ -130,6 +133,7 @@ class DiffusionOptions(GenerationOptions):
     seed: int | None = 0
     refine_schedule: RefineScheduleName = "linear"
     refine_threshold: float = 0.9
+    refine_repeats: int = 0
     image_guidance: float = 0.0
 
 
@@ -687,7 +691,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         options = options or DiffusionOptions()
         return SamplingRun(self.schedule, self.lm_logits, self.embed,
                            (self.end_token_id, self.pad_token_id), timesteps, table, lengths,
-                           noise, temperature, options.refine_schedule, options.refine_threshold)
+                           noise, temperature, options.refine_schedule, options.refine_threshold,
+                           options.refine_repeats)
 
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,

@@ -66,6 +66,7 @@ class SamplingRun:
     temperature: float = 1.0
     refine_schedule: RefineScheduleName = "linear"
     refine_threshold: float = 0.9
+    refine_repeats: int = 0
 
 
 class Sampler:
@@ -126,6 +127,8 @@ class RefineSampler(Sampler):
         batch, length, _ = x0_hat.shape
         probabilities = run.logits(x0_hat).float().softmax(-1)  # (B, L, V)
         confidence, words = probabilities.max(-1)  # (B, L), (B, L)
+        if run.refine_repeats:  # a repeated phrase's second occurrence restarts first
+            confidence = confidence.masked_fill(repeated_ngrams(words, run.refine_repeats), -1.0)
         positions = torch.arange(length, device=x0_hat.device)  # (L,)
         span = run.lengths
         if span is None:
@@ -149,6 +152,24 @@ class RefineSampler(Sampler):
         t_next = torch.where(noisy, run.schedule.steps, 0).long()  # (B, L)
         committed = run.embed(words)  # (B, L, E)
         return torch.where(noisy[..., None], restart, committed), t_next
+
+
+def repeated_ngrams(words: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, L) word ids -> (B, L) bool: the positions of every n-gram that already occurred
+    earlier in its row without overlapping it (the second "large red circle" of "a large red
+    circle above a large red circle" at n = 3)."""
+    batch, length = words.shape
+    if length < 2 * n:
+        return torch.zeros_like(words, dtype=torch.bool)
+    grams = words.unfold(1, n, 1)  # (B, W, n), W = L - n + 1
+    same = (grams[:, :, None, :] == grams[:, None, :, :]).all(-1)  # (B, W, W): gram i == gram j
+    index = torch.arange(grams.shape[1], device=words.device)  # (W,)
+    earlier = index[None, :] <= index[:, None] - n  # (W, W): i ends before j starts
+    starts = (same & earlier[None]).any(-1)  # (B, W): gram j repeats an earlier one
+    marked = torch.zeros_like(words, dtype=torch.bool)  # (B, L)
+    for offset in range(n):  # every position the repeated gram covers
+        marked[:, offset:offset + grams.shape[1]] |= starts
+    return marked
 
 
 #: Every sampler by name.
