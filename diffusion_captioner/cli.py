@@ -76,6 +76,7 @@ class Commands:
                 paths ``pkg.module.Class``.
             out: run folder (default ``runs/<preset>-<decoders>``); rerun to resume.
             preset: preset name (packaged JSON stem, ``dcap list`` lists them: ``embedded``;
+                ``embedded-distilled``, plus a diffusion row distilled from clipcap;
                 ``paper``, the original CLIP-DiffusionLM code; ``paper-text``, the paper's
                 text where it differs; ``paper-embedded``, the original at the embedded size)
                 or a path to a preset JSON; its ``speed`` block sets the timing phase and its
