@@ -7,9 +7,10 @@ highest mean similarity to the other candidates, similarity being the F1 of shar
 bigrams (Devlin et al. re-rank by BLEU/CIDEr against the other candidates; this is its cheap
 form). With ``k = 1`` the candidates are the nearest image's own references.
 
-Sampling (``generate_samples``) draws each of an image's n captions uniformly, with replacement,
-from the same candidates (the captions of its k nearest training images): retrieval's own
-diversity, that of the human captions it retrieves.
+Sampling (``generate_samples``) draws an image's n captions uniformly without replacement from
+the same candidates (the captions of its k nearest training images; a fresh round through them
+when n exceeds their number): retrieval's own diversity, that of the human captions it
+retrieves.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ class NearestDecoder(CaptionDecoder):
 
     def sample_batch(self, features: torch.Tensor, options: NearestOptions, num_samples: int,
                      generator: torch.Generator) -> list[list[str]]:
-        """Per image ``num_samples`` captions drawn uniformly, with replacement, from its
-        candidates (the captions of its k nearest memorised images)."""
+        """Per image ``num_samples`` captions drawn uniformly without replacement from its
+        candidates (the captions of its k nearest memorised images), a new round through them
+        when ``num_samples`` exceeds their number."""
         pools = self.candidates(features, options)
         if pools is None:
             return [[""] * num_samples for _ in range(len(features))]

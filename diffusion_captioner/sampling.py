@@ -58,8 +58,14 @@ def draw(logits: torch.Tensor, generator: torch.Generator, temperature: float = 
 
 
 def draw_indices(counts: list[int], draws: int, generator: torch.Generator) -> list[list[int]]:
-    """For each of len(counts) pools, ``draws`` indices uniform in 0..count-1 with replacement."""
-    return [torch.randint(count, (draws,), generator=generator).tolist() for count in counts]
+    """For each of len(counts) pools, ``draws`` indices in 0..count-1 drawn uniformly without
+    replacement: a random permutation of the pool, then another once it is used up."""
+    picked = []
+    for count in counts:
+        rounds = -(-draws // count)  # ceil
+        order = torch.cat([torch.randperm(count, generator=generator) for _ in range(rounds)])
+        picked.append(order[:draws].tolist())
+    return picked
 
 
 def regroup(flat: list[str], num_samples: int) -> list[list[str]]:

@@ -197,6 +197,15 @@ def test_samples_continue_one_stream_over_batches(name, tmp_path):
     assert batched == again and len(batched) == 5
 
 
+def test_nearest_draws_its_candidates_without_replacement(tmp_path):
+    decoder = _tiny("nearest", tmp_path)
+    features = torch.randn(2, FEATURE_DIM, generator=torch.Generator().manual_seed(5))  # memorised
+    for samples in decoder.generate_samples(features, num_samples=4, seed=3):
+        assert sorted(samples) == sorted(CAPTIONS)  # its four captions, each once
+    for samples in decoder.generate_samples(features, num_samples=6, seed=3):
+        assert set(samples) == set(CAPTIONS) and len(samples) == 6
+
+
 # ------------------------------------------------------------------------------- compare phase
 class Lookup(CaptionDecoder):
     """A fake retrieval decoder that cannot sample."""
