@@ -220,6 +220,7 @@ def _diversity_table(decoders: dict[str, Any], phase: dict[str, Any]) -> list[st
              + (f" The phase took {phase['seconds']:.0f} s." if "seconds" in phase else ""), "",
              "| decoder | K | distinct-1 | distinct-2 | mBLEU-4 | Self-CIDEr | CIDEr (samples) | "
              f"oracle CIDEr@{n} | CIDEr (generate) |", "|---" * 9 + "|"]
+    header = len(lines)
     skipped = []
     for name, record in sampled.items():
         if "skipped" in record:
@@ -236,6 +237,8 @@ def _diversity_table(decoders: dict[str, Any], phase: dict[str, Any]) -> list[st
                 f"| {name} | {label} | " + " | ".join(_format(scores.get(m)) for m in (
                     "distinct_1", "distinct_2", "mBLEU_4", "self_CIDEr", "CIDEr_mean",
                     "CIDEr_oracle")) + f" | {_format(greedy)} |")
+    if len(lines) == header:  # no decoder could sample: no empty table
+        lines = lines[:header - 2]
     return lines + [""] + skipped + ([""] if skipped else [])
 
 

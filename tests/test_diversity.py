@@ -281,3 +281,43 @@ def test_the_preset_block_is_checked():
 def test_a_decoder_without_sampling_says_so():
     with pytest.raises(ValueError, match=r"Lookup cannot sample \(capabilities.sampling is False\)"):
         Lookup().generate_samples(torch.zeros(1, FEATURE_DIM))
+
+
+class Stubborn(CaptionDecoder):
+    """A fake trainable decoder that cannot sample (the default capabilities)."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def loss(self, batch):
+        return {"loss": (self.weight - 1) ** 2}
+
+    def generate_batch(self, features, options):
+        return ["a red circle"] * len(features)
+
+
+def test_compare_reports_diversity_and_skips_a_decoder_that_cannot_sample(
+        clean_registry, tiny_clip_dir, tmp_path):
+    from conftest import TINY_SHAPES
+
+    from diffusion_captioner.comparison import compare
+
+    clean_registry.CaptionDecoder.register("stubborn")(Stubborn)
+    preset = tmp_path / "small.json"
+    preset.write_text(json.dumps({"include": ["embedded"], "speed": False,
+                                  "diversity": {"samples": 3, "seed": 1, "sweep": False}}))
+    train = {"max_steps": 2, "batch_size": 8, "eval_every": 2, "eval_batches": 1,
+             "log_every": 1, "warmup_steps": 0, "max_minutes": None}
+    metrics = compare(["nearest", "stubborn"], tmp_path / "run", preset=str(preset),
+                      dataset=TINY_SHAPES, encoder=f"local-dir:{tiny_clip_dir}",
+                      cache_dir=tmp_path / "cache", train_overrides=train, progress=False)
+    assert metrics["diversity"]["samples"] == 3
+    nearest = metrics["decoders"]["nearest"]["diversity"]
+    assert set(nearest["runs"]["default"]["scores"]) == set(div.DIVERSITY_SCORES)
+    assert "skipped" in metrics["decoders"]["stubborn"]["diversity"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| nearest | - | " in report
+    assert "- stubborn: not sampled: Stubborn declares no sampling" in report
+    assert (tmp_path / "run" / "nearest" / "samples_test.json").is_file()
+    assert (tmp_path / "run" / "quality_vs_diversity.png").is_file()
