@@ -106,9 +106,12 @@ class CaptionDecoder(nn.Module, Registrable):
 
     * ``Options``: a frozen :class:`GenerationOptions` dataclass (default: no options);
     * ``capabilities``: a :class:`Capabilities` record (kind, trajectory, step option and
-      sweep, fixed-token option; default: a single-pass decoder with none of them);
+      sweep, fixed-token option, sampling; default: a single-pass decoder with none of them);
     * ``generate_trajectory_batch(features, options) -> list[list[str]]`` when
       ``capabilities.trajectory``: per image, the caption after every step;
+    * ``sample_batch(features, options, num_samples, generator) -> list[list[str]]`` when
+      ``capabilities.sampling``: per image, ``num_samples`` captions drawn from the decoder's
+      distribution with every random number taken from ``generator`` (:meth:`generate_samples`);
     * ``save_extra(directory)`` / ``checkpoint_overrides(directory)``: extra checkpoint files
       and the constructor arguments that rebuild from them (no-ops);
     * ``check_config`` / ``check_generate_options``: plan-time refusals (default: the options
@@ -263,8 +266,45 @@ class CaptionDecoder(nn.Module, Registrable):
         with self.evaluating():
             return self.generate_trajectory_batch(features, parsed)
 
+    @torch.no_grad()
+    def generate_samples(self, features: torch.Tensor, num_samples: int = 5, seed: int = 0, *,
+                         generator: torch.Generator | None = None,
+                         **options: Any) -> list[list[str]]:
+        """(B, D) features -> per image ``num_samples`` captions drawn from the decoder's
+        distribution; only for a decoder whose ``capabilities.sampling`` is set.
+
+        A method beside :meth:`generate` rather than a ``num_samples`` option of it: it returns
+        B lists of n captions, not B captions, and :meth:`generate` (greedy, beam search, the
+        deterministic samplers) stays exactly what it was. ``options`` are the class's
+        ``Options`` (its sampling fields, e.g. ``sample_temperature``, apply here only).
+        Every random number comes from a private CPU ``torch.Generator`` seeded with ``seed``
+        (or the caller's ``generator``, to continue one stream over several batches): the same
+        seed and batches give the same captions, another seed others, and the global RNG is
+        never touched."""
+        if not self.capabilities.sampling:
+            raise ValueError(f"{type(self).__name__} cannot sample (capabilities.sampling is "
+                             "False): use generate, or a decoder that declares sampling")
+        if int(num_samples) < 1:
+            raise ValueError(f"{type(self).__name__}: num_samples must be >= 1, got {num_samples}")
+        parsed = self.options(options)
+        if features.shape[0] == 0:
+            return []
+        generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        with self.evaluating():
+            samples = self.sample_batch(features, parsed, int(num_samples), generator)
+        if len(samples) != features.shape[0] or any(len(s) != num_samples for s in samples):
+            raise RuntimeError(f"{type(self).__name__}.sample_batch returned {len(samples)} lists "
+                               f"for {features.shape[0]} images; each needs {num_samples} captions")
+        return samples
+
     def generate_batch(self, features: torch.Tensor, options: Any) -> list[str]:
         """(B, D) features, B >= 1 -> B captions (no_grad and eval mode already set)."""
+        raise NotImplementedError
+
+    def sample_batch(self, features: torch.Tensor, options: Any, num_samples: int,
+                     generator: torch.Generator) -> list[list[str]]:
+        """(B, D) features, B >= 1 -> per image ``num_samples`` sampled captions, every random
+        number drawn from ``generator`` (``capabilities.sampling``; no_grad and eval mode set)."""
         raise NotImplementedError
 
     def generate_trajectory_batch(self, features: torch.Tensor, options: Any) -> list[list[str]]:

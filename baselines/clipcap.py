@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
+from diffusion_captioner.sampling import check_sampling, draw, regroup
 from diffusion_captioner.tokenization import decode_until_stop
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
@@ -199,12 +201,23 @@ class ClipCapOptions(GenerationOptions):
         length_penalty: beam search ranks a hypothesis of n tokens by ``s / n ** penalty``.
         fixed_tokens: greedy only: ignore the end token and write exactly N tokens in N LM
             calls (what ``dcap bench --tokens N`` times: a random-weight model never ends).
+        sample_temperature: tau of ``generate_samples``: each token is drawn from
+            ``softmax(logits / tau)`` (0: greedy). ``generate`` ignores it (and top_k, top_p).
+        top_k: ``generate_samples`` draws among the k most probable tokens only (null: all).
+        top_p: ``generate_samples`` draws among the smallest set of most probable tokens whose
+            probability reaches p (nucleus sampling; null: all).
     """
 
     num_beams: int = 1
     max_length: int | None = None
     length_penalty: float = 1.0
     fixed_tokens: int | None = None
+    sample_temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling("clipcap", self.sample_temperature, self.top_k, self.top_p)
 
 
 @CaptionDecoder.register("clipcap")
@@ -213,7 +226,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
 
     ``p = F(z)`` (B, k, E) is the LM's input prefix; training minimises
     ``-sum_t log p_LM(w_t | p, w_<t)`` over caption tokens (eos included); generation is greedy or
-    beam search with the LM's key/value cache.
+    beam search with the LM's key/value cache; ``generate_samples`` draws each token from
+    ``softmax(logits / tau)``, optionally cut to the top-k / top-p tokens (ancestral sampling).
 
     Args:
         feature_dim: D, the image feature size.
@@ -232,7 +246,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
     """
 
     Options = ClipCapOptions
-    capabilities = Capabilities(kind="autoregressive", fixed_tokens_option="fixed_tokens")
+    capabilities = Capabilities(kind="autoregressive", fixed_tokens_option="fixed_tokens",
+                                sampling=True)
     default_lm, offline_configs = "gpt2", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -384,9 +399,11 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1])  # (N, V)
         return logits.float(), out["cache"] if "cache" in out else out["past_key_values"]
 
-    def _greedy(self, prefix: torch.Tensor, max_new: int, stop: bool = True) -> torch.Tensor:
+    def _greedy(self, prefix: torch.Tensor, max_new: int, stop: bool = True,
+                pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``w_t = argmax p_LM(w | p, w_<t)`` for all B rows at once; rows past eos get pad.
         ``stop=False`` ignores the end token and makes exactly ``max_new`` LM calls (timing).
+        ``pick`` replaces the argmax: (B, V) logits -> (B,) ids (sampling).
 
         Returns (B, t) token ids, t <= max_new.
         """
@@ -395,7 +412,8 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         finished = torch.zeros(batch, dtype=torch.bool, device=prefix.device)  # (B,)
         steps: list[torch.Tensor] = []
         for step in range(max_new):
-            token = logits.argmax(dim=-1).masked_fill(finished, self.pad_token_id)  # (B,)
+            chosen = logits.argmax(dim=-1) if pick is None else pick(logits)  # (B,)
+            token = chosen.masked_fill(finished, self.pad_token_id)  # (B,)
             steps.append(token)
             if stop:
                 finished |= token == self.eos_token_id
@@ -454,9 +472,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
         """(B, t) token ids -> captions: cut at the first eos, special tokens dropped, stripped."""
         return decode_until_stop(self.tokenizer, ids.tolist(), (self.eos_token_id,))
 
-    def generate_batch(self, features: torch.Tensor, options: ClipCapOptions) -> list[str]:
-        """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached;
-        deterministic (no sampling)."""
+    def _max_new(self, options: ClipCapOptions) -> int:
+        """Most tokens to write: ``max_length`` (the option, else the model's), or
+        ``fixed_tokens``; out of the LM's positions it fails naming the range."""
         max_new = self.max_length if options.max_length is None else options.max_length
         if options.fixed_tokens is not None:
             if options.num_beams > 1:
@@ -469,6 +487,28 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
                 if positions is not None
                 else f"clipcap: max_length {max_new} must be >= 1"
             )
+        return max_new
+
+    def sample_batch(self, features: torch.Tensor, options: ClipCapOptions, num_samples: int,
+                     generator: torch.Generator) -> list[list[str]]:
+        """Per image ``num_samples`` captions by ancestral sampling: the B n rows (each image's
+        prefix repeated n times) draw ``w_t ~ p_tau(w | p, w_<t)`` cut to top-k / top-p
+        (:mod:`diffusion_captioner.sampling`) until eos, in one cached batch; ``num_beams``
+        plays no part."""
+        max_new = self._max_new(options)
+        prefix = self.prefix_embeddings(features).repeat_interleave(num_samples, dim=0)  # (B n, k, E)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B n, V) -> (B n,)
+            return draw(logits, generator, options.sample_temperature, options.top_k,
+                        options.top_p)
+
+        ids = self._greedy(prefix, max_new, stop=options.fixed_tokens is None, pick=pick)
+        return regroup(self.decode(ids), num_samples)
+
+    def generate_batch(self, features: torch.Tensor, options: ClipCapOptions) -> list[str]:
+        """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached;
+        deterministic (no sampling)."""
+        max_new = self._max_new(options)
         prefix = self.prefix_embeddings(features)  # (B, k, E)
         if options.num_beams <= 1:
             ids = self._greedy(prefix, max_new, stop=options.fixed_tokens is None)  # (B, t)

@@ -25,11 +25,17 @@ at length L and predicts every position, keeping each position's probability
 with the lowest ``p_i`` and predicts only those: their tokens and probabilities are replaced,
 the others keep theirs. With ``length_beam=l`` the l most probable lengths are decoded in
 parallel and the candidate with the highest mean log-probability ``1/L sum_i log p_i`` wins.
+
+Sampling (``generate_samples``) draws instead of taking the argmax: the length
+``L ~ softmax(length logits / tau)`` (``"predict"`` mode) and, at every pass, each re-masked
+position's token ``w_i ~ softmax(logits_i / tau)``, with ``p_i`` the model's probability of the
+drawn token (what the next pass re-masks by); no length beam.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +61,7 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
+from diffusion_captioner.sampling import check_sampling, draw, regroup
 from diffusion_captioner.tokenization import decode_until_stop
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
@@ -149,10 +156,17 @@ class MNICOptions(GenerationOptions):
         steps: K, mask-predict passes.
         length_beam: l, the most probable lengths decoded; per image the candidate with the
             highest mean log-probability ``1/L sum_i log p_i`` is kept.
+        sample_temperature: tau of ``generate_samples``: the length is drawn from
+            ``softmax(length logits / tau)`` and, at every pass, each re-masked position's token
+            from ``softmax(logits / tau)`` (0: argmax). ``generate`` ignores it.
     """
 
     steps: int = 4
     length_beam: int = 1
+    sample_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_sampling("mnic", self.sample_temperature)
 
 
 @CaptionDecoder.register("mnic")
@@ -183,7 +197,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
 
     Options = MNICOptions
     capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
-                                step_sweep=(1, 2, 4, 8))
+                                step_sweep=(1, 2, 4, 8), sampling=True)
     default_lm, offline_configs = "bert-base-uncased", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -354,14 +368,16 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         return self.length_mode.lengths(self, features, beam)  # (B, l)
 
     def mask_predict(
-        self, features: torch.Tensor, lengths: torch.Tensor, steps: int
+        self, features: torch.Tensor, lengths: torch.Tensor, steps: int,
+        pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """K mask-predict passes for N rows of given lengths.
 
         ``features`` (N, D), ``lengths`` (N,). Returns the tokens after every pass (K tensors of
         (N, T)), the final per-position log-probabilities (N, T) and the positions that exist
         (N, T) bool. Pass 0 masks everything; pass t re-masks the ``remask_counts`` least
-        confident positions and only those get new tokens and probabilities.
+        confident positions and only those get new tokens and probabilities. ``pick`` replaces
+        the argmax, (N, T, V) logits -> (N, T) ids (sampling); ``p_i`` is then the drawn token's.
         """
         rows, width = lengths.shape[0], int(lengths.max())
         positions = torch.arange(width, device=self.device)  # (T,)
@@ -376,7 +392,11 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
             tokens = tokens.masked_fill(remask, self.mask_token_id)  # (N, T)
             logits = self.token_logits(tokens, attention, features)  # (N, T, V)
             logits = logits.masked_fill(~self.allowed_tokens, float("-inf"))  # (N, T, V)
-            best_logp, best = F.log_softmax(logits, dim=-1).max(dim=-1)  # (N, T), (N, T)
+            if pick is None:
+                best_logp, best = F.log_softmax(logits, dim=-1).max(dim=-1)  # (N, T), (N, T)
+            else:
+                best = pick(logits)  # (N, T)
+                best_logp = F.log_softmax(logits, dim=-1).gather(-1, best[..., None])[..., 0]
             tokens = torch.where(remask, best, tokens)  # (N, T)
             scores = torch.where(remask, best_logp, scores)  # (N, T)
             history.append(tokens)
@@ -391,6 +411,22 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         """(B, D) features -> B captions by K = ``steps`` mask-predict passes (argmax:
         deterministic)."""
         return self._passes(features, options)[-1]
+
+    def sample_batch(self, features: torch.Tensor, options: MNICOptions, num_samples: int,
+                     generator: torch.Generator) -> list[list[str]]:
+        """Per image ``num_samples`` captions: the B n rows (each image repeated n times) draw
+        a length and then, at each of the K passes, the re-masked tokens (module docstring)."""
+        if options.steps < 1:
+            raise ValueError(f"mnic: steps must be >= 1, got {options.steps}")
+        tau = options.sample_temperature
+        rows = features.to(self.device).repeat_interleave(num_samples, dim=0)  # (B n, D)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
+            return draw(logits, generator, tau)
+
+        lengths = self.length_mode.sample_lengths(self, rows, pick)  # (B n,)
+        history, _, _ = self.mask_predict(rows, lengths, options.steps, pick)
+        return regroup(self.decode(history[-1]), num_samples)
 
     def generate_trajectory_batch(self, features: torch.Tensor,
                                   options: MNICOptions) -> list[list[str]]:

@@ -18,6 +18,7 @@ Length:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -126,6 +127,11 @@ class LengthMode:
         """The candidate lengths to decode per image, best first: (B, l) long."""
         raise NotImplementedError
 
+    def sample_lengths(self, decoder: MaskedCaptioner, features: torch.Tensor,
+                       pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One length per row for sampling, ``pick`` drawing from the length logits: (B,) long."""
+        raise NotImplementedError
+
 
 class PredictedLength(LengthMode):
     name = "predict"
@@ -155,6 +161,10 @@ class PredictedLength(LengthMode):
         beam = max(1, min(int(beam), decoder.max_length))
         return decoder.length_logits(features).topk(beam, dim=-1).indices  # (B, l)
 
+    def sample_lengths(self, decoder: MaskedCaptioner, features: torch.Tensor,
+                       pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return pick(decoder.length_logits(features))  # (B,), L = 0 is -inf: never drawn
+
 
 class FixedLength(LengthMode):
     name = "fixed"
@@ -176,6 +186,10 @@ class FixedLength(LengthMode):
 
     def lengths(self, decoder: MaskedCaptioner, features: torch.Tensor, beam: int) -> torch.Tensor:
         return torch.full((features.shape[0], 1), decoder.max_length, device=decoder.device)
+
+    def sample_lengths(self, decoder: MaskedCaptioner, features: torch.Tensor,
+                       pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self.lengths(decoder, features, 1)[:, 0]  # (B,): the model writes its own end
 
 
 LENGTH_MODES: dict[str, type[LengthMode]] = {

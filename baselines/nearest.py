@@ -6,6 +6,11 @@ of the CLIP features) as candidates and returns their *consensus caption*: the c
 highest mean similarity to the other candidates, similarity being the F1 of shared unigrams and
 bigrams (Devlin et al. re-rank by BLEU/CIDEr against the other candidates; this is its cheap
 form). With ``k = 1`` the candidates are the nearest image's own references.
+
+Sampling (``generate_samples``) draws an image's n captions uniformly without replacement from
+the same candidates (the captions of its k nearest training images; a fresh round through them
+when n exceeds their number): retrieval's own diversity, that of the human captions it
+retrieves.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from diffusion_captioner.sampling import draw_indices
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,7 @@ class NearestDecoder(CaptionDecoder):
     """
 
     Options = NearestOptions
-    capabilities = Capabilities(kind="retrieval")
+    capabilities = Capabilities(kind="retrieval", sampling=True)
 
     def __init__(self, feature_dim: int, k: int = 1, memory: str | None = None) -> None:
         super().__init__()
@@ -110,17 +116,36 @@ class NearestDecoder(CaptionDecoder):
                 self._remember(feature, caption)
         return {"loss": self.anchor * 0.0, "memorised_images": torch.tensor(float(len(self.rows)))}
 
-    def generate_batch(self, features: torch.Tensor, options: NearestOptions) -> list[str]:
-        """(B, D) features -> B captions: the consensus caption of the k nearest memorised
-        images (cosine similarity)."""
+    def candidates(self, features: torch.Tensor, options: NearestOptions) -> list[list[str]] | None:
+        """Per image the captions of its k nearest memorised images (cosine similarity), nearest
+        first; None (with a warning) when nothing is memorised."""
         k = self.k if options.k is None else options.k
         if not self.rows:  # untrained: nothing to retrieve
             logger.warning("nearest: nothing memorised (train it for one epoch): empty captions")
-            return [""] * len(features)
+            return None
         table = torch.stack(self.rows)  # (N, D)
         query = F.normalize(features.float().cpu(), dim=-1)  # (B, D)
-        nearest = (query @ table.T).topk(min(k, len(self.rows)), dim=-1).indices
-        return [consensus([c for i in row.tolist() for c in self.captions[i]]) for row in nearest]
+        nearest = (query @ table.T).topk(min(k, len(self.rows)), dim=-1).indices  # (B, k)
+        return [[c for i in row.tolist() for c in self.captions[i]] for row in nearest]
+
+    def generate_batch(self, features: torch.Tensor, options: NearestOptions) -> list[str]:
+        """(B, D) features -> B captions: the consensus caption of the k nearest memorised
+        images (cosine similarity)."""
+        pools = self.candidates(features, options)
+        if pools is None:
+            return [""] * len(features)
+        return [consensus(pool) for pool in pools]
+
+    def sample_batch(self, features: torch.Tensor, options: NearestOptions, num_samples: int,
+                     generator: torch.Generator) -> list[list[str]]:
+        """Per image ``num_samples`` captions drawn uniformly without replacement from its
+        candidates (the captions of its k nearest memorised images), a new round through them
+        when ``num_samples`` exceeds their number."""
+        pools = self.candidates(features, options)
+        if pools is None:
+            return [[""] * num_samples for _ in range(len(features))]
+        picks = draw_indices([len(pool) for pool in pools], num_samples, generator)
+        return [[pool[i] for i in chosen] for pool, chosen in zip(pools, picks, strict=True)]
 
     def save_extra(self, directory: str | Path) -> None:
         """The memory beside the (empty) weights: features and their captions."""

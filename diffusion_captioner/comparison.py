@@ -4,8 +4,10 @@ Steps: encode each split once (feature cache) -> for each decoder: train (resuma
 generate on the test split (at every step count it sweeps) -> COCO result JSON ->
 pycocoevalcap + CLIPScore + caption statistics -> ``<decoder>/metrics.json`` (and, when the
 dataset gives its test images groups, ``<decoder>/metrics_by_group.json``); then, for all
-decoders together: paired bootstrap against the first decoder, speed side by side in one
-process, example captions, plots, ``report.md``/``report.html`` and the top-level ``metrics.json``.
+decoders together: n samples per test image from each decoder that can sample, scored for
+diversity and quality (:mod:`eval.diversity`; the preset's ``diversity`` block), paired bootstrap
+against the first decoder, speed side by side in one process, example captions, plots,
+``report.md``/``report.html`` and the top-level ``metrics.json``.
 A decoder whose ``summary.json`` exists is not trained or scored again, so rerunning with the same
 ``--out`` resumes an interrupted run.
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from diffusion_captioner.distillation import DistillPlan, distilled_pairs, teach
 from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
 from diffusion_captioner.hub import check_available
-from diffusion_captioner.inference import generate_captions, load_best
+from diffusion_captioner.inference import generate_captions, load_best, sample_captions
 from diffusion_captioner.presets import decoder_plan, load_preset
 from diffusion_captioner.report import render_html, render_markdown
 from diffusion_captioner.run_folder import (
@@ -44,10 +47,16 @@ from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
 from eval.clipscore import score_with_encoder
 from eval.coco_format import atomic_write_json, write_annotations, write_results
+from eval.diversity import score_diversity, tokenize_references
 from eval.groups import groups_summary, record_groups, score_groups, write_groups
 from eval.metrics import ALL_METRICS, find_java, score_captions
 from eval.paper_bleu import load_paper_bleu_tokenizer, paper_bleu
-from eval.plots import plot_latency_vs_batch, plot_quality_vs_steps, plot_training_curves
+from eval.plots import (
+    plot_latency_vs_batch,
+    plot_quality_vs_diversity,
+    plot_quality_vs_steps,
+    plot_training_curves,
+)
 from registry import CaptionDecoder, build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -115,6 +124,78 @@ def speed_options(block: dict[str, Any] | bool | None, repeats: int) -> dict[str
     if block.get("max_seconds") is not None:
         options["max_seconds"] = float(block["max_seconds"])
     return options
+
+
+def diversity_settings(block: dict[str, Any] | bool | None) -> dict[str, Any] | None:
+    """A preset's ``diversity`` block: ``samples`` per test image (n >= 2, default 5), ``seed``
+    (default 0), ``sweep`` (default true: also at every step count the decoder sweeps, for the
+    quality-vs-diversity plot; false: its default options only); ``false`` switches the phase
+    off (None). An unknown key or a bad value fails naming it."""
+    if block is False:
+        return None
+    block = dict(block or {})
+    known = {"samples", "seed", "sweep"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ValueError(f"preset diversity block: unknown key(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(known))} (or false to switch the phase off)")
+    samples, seed, sweep = block.get("samples", 5), block.get("seed", 0), block.get("sweep", True)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise ValueError(f"preset diversity block: samples must be an int >= 2 (mBLEU and "
+                         f"Self-CIDEr compare samples with each other), got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"preset diversity block: seed must be an int, got {seed!r}")
+    if not isinstance(sweep, bool):
+        raise ValueError(f"preset diversity block: sweep must be true or false, got {sweep!r}")
+    return {"samples": samples, "seed": seed, "sweep": sweep}
+
+
+def diversity_phase(best: dict[str, CaptionDecoder], generate_options: dict[str, dict[str, Any]],
+                    test: SplitFeatures, settings: dict[str, Any], run: RunFolder,
+                    summaries: dict[str, DecoderSummary]) -> None:
+    """n samples per test image from every decoder that declares sampling, at its default
+    options (and, with ``sweep``, at each step count it sweeps), scored by
+    :mod:`eval.diversity` into ``summaries[name]["diversity"]`` (and its ``summary.json``); the
+    default options' samples go to ``<decoder>/samples_test.json``. A decoder that cannot
+    sample gets ``{"skipped": reason}``; one whose summary holds this phase's result for the
+    same settings and options (a resumed run) is not sampled again."""
+    references = {r.image_id: list(r.captions) for r in test.records}
+    java = find_java()
+    tokenized: dict[int, list[str]] | None = None
+    for name, decoder in best.items():
+        summary = summaries[name]
+        if not decoder.capabilities.sampling:
+            summary["diversity"] = {"skipped": f"{type(decoder).__name__} declares no sampling "
+                                               "(capabilities.sampling is False)"}
+            continue
+        options_list = (analysis.sweep_options(decoder, generate_options[name])
+                        if settings["sweep"] else [dict(generate_options[name])])
+        record = {**settings, "options": options_list}
+        previous = summary.get("diversity") or {}
+        if {k: previous.get(k) for k in record} == record:
+            logger.info("%s: diversity already scored (%s)", name, run.decoder(name).summary)
+            continue
+        if tokenized is None:
+            tokenized = tokenize_references(references, java)
+        runs: dict[str, Any] = {}
+        for index, options in enumerate(options_list):
+            samples, seconds = sample_captions(decoder, test.features, settings["samples"],
+                                               settings["seed"], **options)
+            by_image = dict(zip(test.image_ids, samples, strict=True))
+            started = time.perf_counter()
+            scores = score_diversity(by_image, tokenized, java, tokenized_references=True)
+            option = decoder.capabilities.step_option
+            steps = None if option is None else getattr(decoder.options(options), option)
+            key = "default" if index == 0 else str(steps)
+            runs[key] = {"options": options, "steps": steps, "scores": scores,
+                         "sample_seconds": round(seconds, 3),
+                         "score_seconds": round(time.perf_counter() - started, 3)}
+            if index == 0:
+                atomic_write_json(run.decoder(name).samples,
+                                  {str(k): v for k, v in by_image.items()}, indent=1)
+            logger.info("%s %s: %s", name, key, ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+        summary["diversity"] = {**record, "runs": runs}
+        run.decoder(name).summary.write_text(json.dumps(summary, indent=2, default=str))
 
 
 def check_same_plan(folder: Path, plan: dict[str, Any], record: str = "plan.json") -> None:
@@ -307,6 +388,7 @@ def compare(
         classes[name].check_config(p.decoder)
         classes[name].check_generate_options(p.generate, p.decoder)
     speed = speed_options(plan.get("speed"), bench_repeats)
+    diversity = diversity_settings(plan.get("diversity"))
     protocol = dict(plan.get("paper_bleu") or {})
     # every model the run will load, checked together: offline, all the missing ones named
     check_available(
@@ -361,6 +443,10 @@ def compare(
         for name in names:
             summaries[name]["paper_bleu"] = paper_bleu(results[name], references, bleu_tokenizer,
                                                        **protocol)
+    if diversity is not None:
+        started = time.perf_counter()
+        diversity_phase(best, generate_options, test, diversity, run, summaries)
+        diversity = {**diversity, "seconds": round(time.perf_counter() - started, 1)}
     metrics = RunMetrics(
         dataset=dataset_cfg, encoder={**encoder_cfg, "fingerprint": work.encoder.fingerprint},
         test_images=len(test.records),
@@ -372,6 +458,7 @@ def compare(
         speed_off=speed is None,
         examples=analysis.examples(run.examples, work.dataset, test, results, best,
                                    generate_options),
+        diversity=diversity if diversity is not None else {"off": True},
     )
     if metrics["speed"]:
         run.speed.write_text(json.dumps(metrics["speed"], indent=2))
@@ -381,7 +468,8 @@ def compare(
             logs[name] = list(log)
     written = [plot_quality_vs_steps(summaries, out / "quality_vs_steps.png"),
                plot_latency_vs_batch(metrics["speed"], out / "latency_vs_batch.png"),
-               plot_training_curves(logs, out / "training_curves.png")]
+               plot_training_curves(logs, out / "training_curves.png"),
+               plot_quality_vs_diversity(summaries, out / "quality_vs_diversity.png")]
     metrics["plots"] = [p.name for p in written if p is not None]
     run.metrics.write_text(json.dumps(metrics, indent=2, default=str))
     markdown = render_markdown(config.to_dict(), metrics)

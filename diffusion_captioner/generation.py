@@ -48,6 +48,9 @@ class Capabilities:
         step_sweep: the step counts the compare report and the bench sweep.
         fixed_tokens_option: the option that makes an autoregressive decoder write exactly N
             tokens, its end token ignored (how ``dcap bench --tokens`` times untrained models).
+        sampling: ``generate_samples`` draws captions from the decoder's distribution (its
+            ``sample_batch``); compare's diversity phase skips, with a line in the report, a
+            decoder that does not declare it.
     """
 
     kind: DecoderKind = "single"
@@ -55,6 +58,7 @@ class Capabilities:
     step_option: str | None = None
     step_sweep: tuple[int, ...] = ()
     fixed_tokens_option: str | None = None
+    sampling: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in typing.get_args(DecoderKind):

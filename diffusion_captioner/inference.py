@@ -32,6 +32,24 @@ def generate_captions(decoder: CaptionDecoder, features: torch.Tensor, batch_siz
     return captions, time.perf_counter() - started
 
 
+@torch.no_grad()
+def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, num_samples: int = 5,
+                    seed: int = 0, batch_size: int = 100,
+                    **options: Any) -> tuple[list[list[str]], float]:
+    """Per image ``num_samples`` sampled captions for (N, D) ``features`` in batches of images
+    (``decoder.generate_samples``, one seeded generator continued over the batches: the same
+    seed and batch size give the same samples); returns them and the seconds it took."""
+    decoder.eval()
+    generator = torch.Generator().manual_seed(int(seed))
+    started = time.perf_counter()
+    samples: list[list[str]] = []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size].to(decoder.device)  # (b, D)
+        samples.extend(decoder.generate_samples(chunk, num_samples, generator=generator,
+                                                **options))
+    return samples, time.perf_counter() - started
+
+
 @dataclass
 class LoadedRun:
     """The encoder and best checkpoint of every decoder of a ``compare`` run folder."""

@@ -182,6 +182,8 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                     f"{_format(many['captions_per_second']) if many else '-'} |")
         lines += [""]
 
+    lines += _diversity_table(decoders, metrics.get("diversity") or {})
+
     speed = metrics.get("speed")
     if metrics.get("speed_off"):
         lines += ["## Speed", "", "Not measured: the preset switches the speed phase off "
@@ -209,7 +211,8 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
 
     plots = [(title, name) for title, name in (
         ("quality vs steps", "quality_vs_steps.png"), ("latency vs batch size", "latency_vs_batch.png"),
-        ("training curves", "training_curves.png")) if name in metrics.get("plots", [])]
+        ("training curves", "training_curves.png"),
+        ("quality vs diversity", "quality_vs_diversity.png")) if name in metrics.get("plots", [])]
     if plots:
         lines += ["## Plots", ""] + [f"![{title}]({name})" for title, name in plots] + [""]
 
@@ -229,6 +232,50 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                  "`<decoder>/metrics.json` (with per-image scores), `<decoder>/clipscore.json`, "
                  "`<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`; `speed.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _diversity_table(decoders: dict[str, Any], phase: dict[str, Any]) -> list[str]:
+    """The diversity phase: per decoder and step count the diversity of its n samples per test
+    image and their CIDEr, beside its default ``generate`` CIDEr; a line for each decoder that
+    cannot sample. Nothing for a run made before the phase existed."""
+    if phase.get("off"):
+        return ["## Diversity", "", "Not measured: the preset switches the diversity phase off "
+                "(`\"diversity\": false`).", ""]
+    sampled = {n: s["diversity"] for n, s in decoders.items() if s.get("diversity")}
+    if not sampled:
+        return []
+    n = phase.get("samples", next((d["samples"] for d in sampled.values() if "samples" in d), "n"))
+    lines = ["## Diversity", "",
+             f"{n} samples per test image (seed {phase.get('seed', '-')}), drawn by each "
+             "decoder's `generate_samples` at its default sampling options "
+             "(`sample_temperature` 1, no top-k / top-p cut). Distinct-n and Self-CIDEr: higher "
+             "is more diverse; mBLEU-4: lower is more diverse. CIDEr of the samples against the "
+             f"references: their mean, and the oracle (the best of the {n} per image), beside "
+             "the decoder's default `generate` CIDEr (`eval/diversity.py`; "
+             "`<decoder>/samples_test.json`)."
+             + (f" The phase took {phase['seconds']:.0f} s." if "seconds" in phase else ""), "",
+             "| decoder | K | distinct-1 | distinct-2 | mBLEU-4 | Self-CIDEr | CIDEr (samples) | "
+             f"oracle CIDEr@{n} | CIDEr (generate) |", "|---" * 9 + "|"]
+    header = len(lines)
+    skipped = []
+    for name, record in sampled.items():
+        if "skipped" in record:
+            skipped.append(f"- {name}: not sampled: {record['skipped']}.")
+            continue
+        runs = sorted(record.get("runs", {}).items(), key=lambda item: item[1].get("steps") or 0)
+        for key, run in runs:
+            scores = run["scores"]
+            steps = run.get("steps")
+            label = "-" if steps is None else (f"{steps} (default)" if key == "default"
+                                               and len(runs) > 1 else str(steps))
+            greedy = decoders[name]["test"].get(key, {}).get("scores", {}).get("CIDEr")
+            lines.append(
+                f"| {name} | {label} | " + " | ".join(_format(scores.get(m)) for m in (
+                    "distinct_1", "distinct_2", "mBLEU_4", "self_CIDEr", "CIDEr_mean",
+                    "CIDEr_oracle")) + f" | {_format(greedy)} |")
+    if len(lines) == header:  # no decoder could sample: no empty table
+        lines = lines[:header - 2]
+    return lines + [""] + skipped + ([""] if skipped else [])
 
 
 def _group_table(decoders: dict[str, Any], images: Any) -> list[str]:

@@ -11,7 +11,7 @@ benchmarks) takes its paths from here instead of spelling them out::
     runs/NAME/<decoder>/               DecoderFolder: plan.json, checkpoint/best, train_log.jsonl,
                                        results_test.json (+ _k<steps>), metrics.json,
                                        metrics_by_group.json, clipscore.json,
-                                       summary.json (DecoderSummary)
+                                       samples_test.json (diversity), summary.json (DecoderSummary)
     runs/NAME/metrics.json             RunMetrics: the side-by-side record the report renders
     runs/NAME/speed.json               SpeedResult: the timing phase (rows per decoder)
     runs/NAME/report.md, report.html, examples/, *.png
@@ -91,6 +91,7 @@ class DecoderSummary(TypedDict, total=False):
     caption_stats: dict[str, Any]
     paper_bleu: dict[str, Any]
     teacher: dict[str, Any]  # a distilled decoder's teacher: name, ratio, train_seconds
+    diversity: dict[str, Any]  # settings and scores of the samples per step count, or "skipped"
 
 
 class SpeedRow(TypedDict):
@@ -130,6 +131,7 @@ class RunMetrics(TypedDict, total=False):
     speed_off: bool
     examples: list[dict[str, Any]]
     plots: list[str]
+    diversity: dict[str, Any]  # the diversity phase's settings and seconds, or {"off": True}
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,11 @@ class DecoderFolder:
     def distill_captions(self) -> Path:
         """The teacher's caption of every training image, for a distilled decoder."""
         return self.root / "distill_captions.json"
+
+    @property
+    def samples(self) -> Path:
+        """The diversity phase's samples of the default options: image id -> n captions."""
+        return self.root / "samples_test.json"
 
     def results(self, steps: int | str | None = None) -> Path:
         """The COCO result file of the default options, or of the sweep at ``steps``."""

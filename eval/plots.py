@@ -123,3 +123,46 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
     figure.savefig(out, dpi=120)
     plt.close(figure)
     return out
+
+
+def diversity_points(decoders: dict[str, Any], diversity: str = "self_CIDEr",
+                     quality: str = "CIDEr_mean") -> dict[str, list[tuple[int | None, float, float]]]:
+    """``{decoder: [(steps or None, diversity, quality), ...]}`` from each summary's diversity
+    phase (``runs``: the default options and every step count it sampled), by step count."""
+    points: dict[str, list[tuple[int | None, float, float]]] = {}
+    for name, summary in decoders.items():
+        runs = (summary.get("diversity") or {}).get("runs") or {}
+        rows = [(run.get("steps"), float(run["scores"][diversity]),
+                 float(run["scores"][quality])) for run in runs.values()
+                if diversity in run["scores"] and quality in run["scores"]]
+        if rows:
+            points[name] = sorted(rows, key=lambda row: -1 if row[0] is None else row[0])
+    return points
+
+
+def plot_quality_vs_diversity(decoders: dict[str, Any], out: str | Path,
+                              diversity: str = "self_CIDEr",
+                              quality: str = "CIDEr_mean") -> Path | None:
+    """Quality (mean CIDEr of the samples) vs diversity (Self-CIDEr) of the sampled captions:
+    one point per decoder and step count, a decoder's step counts joined and labelled K."""
+    points = diversity_points(decoders, diversity, quality)
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in points.items():
+        line = axis.plot([d for _, d, _ in rows], [q for _, _, q in rows], marker="o",
+                         label=name)[0]
+        for steps, x, y in rows:
+            if steps is not None and len(rows) > 1:
+                axis.annotate(f"K={steps}", (x, y), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7, color=line.get_color())
+    axis.set_xlabel(f"{diversity} of the samples (higher: more diverse)")
+    axis.set_ylabel(f"{quality.replace('_', ' ')} of the samples")
+    axis.set_title("Quality vs diversity of sampled captions")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

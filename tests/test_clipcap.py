@@ -316,3 +316,19 @@ def test_real_gpt2_tokenizer_pads_with_eos_but_trains_on_eos(
     )
     captions = decoder.generate(features(2), max_length=5)
     assert len(captions) == 2 and all("<|endoftext|>" not in c for c in captions)
+
+
+def test_sampling_cut_to_one_token_is_greedy_and_options_are_checked(tokenizer_dir: Path) -> None:
+    decoder = make(tokenizer_dir)
+    feats = features(5, seed=3)
+    greedy = decoder.generate(feats)
+    for cut in ({"sample_temperature": 0.0}, {"top_k": 1}, {"top_p": 1e-6}):
+        assert decoder.generate_samples(feats, num_samples=2, seed=1, **cut) == [
+            [caption] * 2 for caption in greedy], cut
+    wide = decoder.generate_samples(feats, num_samples=3, seed=1, top_k=5, top_p=0.9)
+    assert any(len(set(per_image)) > 1 for per_image in wide)
+    assert decoder.generate(feats, num_beams=2) == decoder.generate(feats, num_beams=2, top_k=3)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        decoder.generate_samples(feats, top_k=0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        ClipCapDecoder.check_generate_options({"top_p": 1.5})

@@ -119,6 +119,8 @@ def test_a_decoders_options_and_capabilities_agree():
         assert all(isinstance(k, int) and k >= 1 for k in capabilities.step_sweep), name
         overrides = cls.generate_trajectory_batch is not CaptionDecoder.generate_trajectory_batch
         assert capabilities.trajectory == overrides, name
+        samples = cls.sample_batch is not CaptionDecoder.sample_batch
+        assert capabilities.sampling == samples, name
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:

@@ -537,3 +537,18 @@ def test_refine_repeats_restarts_a_repeated_phrase_before_anything_else(tmp_path
         assert len(noisy) == 8 * 3 // 5  # the schedule's count either way
         if restarted is not None:
             assert restarted <= noisy  # the second "w5 w6 w7" goes first
+
+
+def test_samples_at_rounding_temperature_zero_are_the_deterministic_caption(memorised):
+    """Trained at noise temperature 0 (the embedded default), every noise draw is zero, so at
+    sample_temperature 0 each sample is the generate caption; above it the words are drawn."""
+    decoder, batch = memorised
+    features = torch.cat([batch["features"], torch.randn(4, FEATURE_DIM)])  # (8, D)
+    captions = decoder.generate(features, steps=5)
+    samples = decoder.generate_samples(features, num_samples=3, seed=4, steps=5,
+                                       sample_temperature=0.0)
+    assert samples == [[caption] * 3 for caption in captions]
+    hot = decoder.generate_samples(features, num_samples=3, seed=4, steps=5,
+                                   sample_temperature=3.0)
+    assert any(len(set(per_image)) > 1 for per_image in hot)
+    assert decoder.generate(features, steps=5) == captions

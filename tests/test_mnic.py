@@ -326,3 +326,15 @@ def test_paper_preset_builds_against_a_stand_in_bert(tiny_bert_dir: Path, tmp_pa
     decoder.save_pretrained(tmp_path / "ckpt")  # reloads offline from its own files
     loaded = CaptionDecoder.from_pretrained(tmp_path / "ckpt")
     assert loaded.generate(features(2), **plan["generate"]) == captions
+
+
+def test_samples_at_temperature_zero_are_the_argmax_caption(tokenizer_dir: Path) -> None:
+    decoder = make(tokenizer_dir, seed=5)
+    feats = features(6, seed=2)
+    captions = decoder.generate(feats, steps=3)
+    zero = decoder.generate_samples(feats, num_samples=2, seed=0, steps=3, sample_temperature=0.0)
+    assert zero == [[caption] * 2 for caption in captions]
+    hot = decoder.generate_samples(feats, num_samples=3, seed=0, steps=3, sample_temperature=2.0)
+    assert any(len(set(per_image)) > 1 for per_image in hot)
+    fixed = make(tokenizer_dir, seed=5, length_mode="fixed")
+    assert [len(s) for s in fixed.generate_samples(feats, num_samples=2, steps=2)] == [2] * 6

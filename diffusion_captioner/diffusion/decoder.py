@@ -26,6 +26,14 @@ fed straight back, DDIM, re-noised, or refine), optionally clamping x0_hat to th
 the last x0_hat goes through the LM head, each position takes its most probable word, and the caption
 ends at the first predicted end or pad token (no de-duplication).
 
+Sampling (``generate_samples``, n captions per image) runs the same K steps on n copies of each
+image with independent noise draws (x_T and every re-noising or restart, from the caller's
+seeded generator) and draws each word the decoder picks from the LM head, the final rounding
+(and the refine sampler's commits and the length head's length), from softmax(logits / tau_r)
+(``sample_temperature``) instead of taking the argmax. At a noise temperature of 0 (the embedded
+default's T state is the zero vector) the noise draws are all zero, so the rounding temperature
+is what makes the samples differ.
+
 The ``refine`` sampler is mask-predict in continuous form (LaDiC's "back and refine" taken to every
 step): after step k of K, with n the predicted length (first end/pad word), the floor((n + 1)(K - k)
 / K) least confident of the first n + 1 positions (max LM-head probability) restart from pure noise
@@ -80,6 +88,7 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
+from diffusion_captioner.sampling import check_sampling, draw, regroup
 from diffusion_captioner.tokenization import decode_until_stop
 from registry import Capabilities, CaptionDecoder, GenerationOptions
 
@@ -113,7 +122,11 @@ class DiffusionOptions(GenerationOptions):
         temperature: scale of the starting (and re-noising) Gaussian noise (default: the
             trained one; another value warns).
         seed: seeds the noise (a private generator: deterministic, global RNG untouched); None
-            draws from the global RNG.
+            draws from the global RNG. ``generate_samples`` ignores it: its own seed rules.
+        sample_temperature: tau_r of ``generate_samples``: every word the decoder picks from
+            the LM head (the final rounding, the refine sampler's committed words and the length
+            head's length) is drawn from ``softmax(logits / tau_r)`` instead of the argmax
+            (0: argmax, the noise draws alone then vary the samples). ``generate`` ignores it.
         image_guidance: w', classifier-free guidance on the image (needs ``image_dropout`` in
             training): ``(1 + w') f(x_t, image) - w' f(x_t, none)``, both halves in one batched
             call.
@@ -131,10 +144,14 @@ class DiffusionOptions(GenerationOptions):
     guidance: float = 0.0
     temperature: float | None = None
     seed: int | None = 0
+    sample_temperature: float = 1.0
     refine_schedule: RefineScheduleName = "linear"
     refine_threshold: float = 0.9
     refine_repeats: int = 0
     image_guidance: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_sampling("diffusion", self.sample_temperature)
 
 
 @CaptionDecoder.register("diffusion")
@@ -214,7 +231,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     Options = DiffusionOptions
     capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
-                                step_sweep=(1, 2, 5, 10, 20))
+                                step_sweep=(1, 2, 5, 10, 20), sampling=True)
     needs_text_features = True
     #: Generation options older checkpoints kept in their model config.
     LEGACY_GENERATION_KEYS = ("steps", "sampler", "clamp", "guidance")
@@ -685,14 +702,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     # ---------------------------------------------------------------- generation
     def sampling_run(self, timesteps: list[int], table: torch.Tensor | None,
                      lengths: torch.Tensor | None, noise: Callable[[], torch.Tensor],
-                     temperature: float = 1.0, options: DiffusionOptions | None = None
-                     ) -> SamplingRun:
+                     temperature: float = 1.0, options: DiffusionOptions | None = None,
+                     pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplingRun:
         """What a sampler needs of this decoder for one ``generate`` call (not the decoder)."""
         options = options or DiffusionOptions()
         return SamplingRun(self.schedule, self.lm_logits, self.embed,
                            (self.end_token_id, self.pad_token_id), timesteps, table, lengths,
-                           noise, temperature, options.refine_schedule, options.refine_threshold,
-                           options.refine_repeats)
+                           noise, temperature, pick, options.refine_schedule,
+                           options.refine_threshold, options.refine_repeats)
 
     def _guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor | None, guidance: float,
@@ -733,8 +750,26 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         """Per image, the K captions after steps 1..K (the last is :meth:`generate_batch`'s)."""
         return self._sample(features, options, trajectory=True)
 
-    def _sample(self, features: torch.Tensor, options: DiffusionOptions,
-                trajectory: bool) -> list[str] | list[list[str]]:
+    def sample_batch(self, features: torch.Tensor, options: DiffusionOptions, num_samples: int,
+                     generator: torch.Generator) -> list[list[str]]:
+        """Per image ``num_samples`` captions: the K steps on the B n rows (each image repeated
+        n times) with noise from ``generator`` and words drawn at ``sample_temperature`` (module
+        docstring)."""
+        rows = features.repeat_interleave(num_samples, dim=0)  # (B n, D)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
+            return draw(logits, generator, options.sample_temperature)
+
+        captions = self._sample(rows, options, trajectory=False, generator=generator, pick=pick)
+        return regroup(captions, num_samples)
+
+    def _sample(self, features: torch.Tensor, options: DiffusionOptions, trajectory: bool,
+                generator: torch.Generator | None = None,
+                pick: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> list[str] | list[list[str]]:
+        """The K steps. ``generator``: the noise's (else one seeded with ``options.seed``);
+        ``pick``: (..., V) logits -> (...,) ids in place of every argmax over the LM head and
+        the length head (sampling)."""
         cfg = self.hparams
         k, w, mode, snap = options.steps, options.guidance, options.sampler, options.clamp
         tau = float(cfg["temperature"] if options.temperature is None else options.temperature)
@@ -773,7 +808,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                                               None if text is None else torch.cat([text, text]))
         else:
             projected = self.denoiser.project(image, text)  # the same for every step
-        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        choose = pick if pick is not None else (lambda logits: logits.argmax(-1))
         shape = (batch, self.max_length, self.word_embeddings.shape[1])
 
         def gaussian() -> torch.Tensor:  # unit N(0, I); the T state is tau times it
@@ -785,13 +822,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         t = torch.full((batch,), timesteps[0], dtype=torch.long, device=self.device)  # (B,)
         lengths, suffix, suffix_ids = None, None, None
         if self.length_head is not None:  # commit the end token and padding up front
-            lengths = self.length_head(image).argmax(-1)  # (B,)
+            lengths = choose(self.length_head(image))  # (B,)
             positions = torch.arange(self.max_length, device=self.device)  # (L,)
             suffix = positions[None] >= lengths[:, None]  # (B, L)
             suffix_ids = torch.where(positions[None] == lengths[:, None], self.end_token_id,
                                      self.pad_token_id)  # (B, L)
             clean_suffix = self.embed(suffix_ids)  # (B, L, E)
-        run = self.sampling_run(timesteps, table, lengths, gaussian, tau, options)
+        run = self.sampling_run(timesteps, table, lengths, gaussian, tau, options, pick)
         x0_hat, previous = x_t, None
         per_step: list[list[str]] = []
         for i in range(len(timesteps)):
@@ -809,7 +846,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                 break
             previous = x0_hat
             x_t, t = stepper.next_input(run, x0_hat, x_t, t, i + 1)  # (B, L, E), (B[, L])
-        ids = self.lm_logits(x0_hat).argmax(-1)  # (B, L)
+        ids = choose(self.lm_logits(x0_hat))  # (B, L), the rounding
         if suffix is not None:
             ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
         if return_trajectory:

@@ -11,7 +11,8 @@ a sampler turns the prediction x0_hat (B, L, E) into the next input (x_t, t):
   the floor(n (K - k) / K) least confident positions (max LM-head probability) restart at
   t = T from the T state (tau * eps, what training shows there), every other position is
   committed to its most probable word's clean embedding at t = 0 (needs a denoiser trained
-  with ``mixed_noise`` or ``refine_noise`` > 0).
+  with ``mixed_noise`` or ``refine_noise`` > 0). Sampling (``generate_samples``) commits a word
+  drawn from softmax(logits / tau) instead, its probability the confidence.
 
 Each sampler hands the denoiser only inputs of a kind training produced at that timestep label;
 the decoder refuses the combinations that cannot (``feed`` with a timestep input, DDIM away from
@@ -53,6 +54,8 @@ class SamplingRun:
         lengths: (B,) predicted caption lengths (length head), or None.
         noise: draws a fresh seeded N(0, I) tensor shaped like x_t (B, L, E).
         temperature: tau; a position at t = T carries tau * eps (the decoder's T state).
+        pick: word logits (B, L, V) -> the words committed (B, L); None: the most probable
+            (sampling draws them instead: ``generate_samples``).
     """
 
     schedule: NoiseSchedule
@@ -64,6 +67,7 @@ class SamplingRun:
     lengths: torch.Tensor | None
     noise: Callable[[], torch.Tensor]
     temperature: float = 1.0
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None
     refine_schedule: RefineScheduleName = "linear"
     refine_threshold: float = 0.9
     refine_repeats: int = 0
@@ -125,8 +129,13 @@ class RefineSampler(Sampler):
         total = len(run.timesteps)
         restart = run.temperature * run.noise()  # (B, L, E), the T state
         batch, length, _ = x0_hat.shape
-        probabilities = run.logits(x0_hat).float().softmax(-1)  # (B, L, V)
-        confidence, words = probabilities.max(-1)  # (B, L), (B, L)
+        logits = run.logits(x0_hat).float()  # (B, L, V)
+        probabilities = logits.softmax(-1)  # (B, L, V)
+        if run.pick is None:
+            confidence, words = probabilities.max(-1)  # (B, L), (B, L)
+        else:  # sampling: the drawn word, and its probability as the confidence
+            words = run.pick(logits)  # (B, L)
+            confidence = probabilities.gather(-1, words[..., None])[..., 0]  # (B, L)
         if run.refine_repeats:  # a repeated phrase's second occurrence restarts first
             confidence = confidence.masked_fill(repeated_ngrams(words, run.refine_repeats), -1.0)
         positions = torch.arange(length, device=x0_hat.device)  # (L,)
