@@ -69,8 +69,6 @@ class NearestOptions(GenerationOptions):
 class NearestDecoder(CaptionDecoder):
     """Nearest-neighbour retrieval (Devlin et al. 2015): the k nearest training images' consensus.
 
-    A test image gets the consensus caption of the k nearest training images' captions.
-
     Args:
         feature_dim: D, the CLIP feature size.
         k: how many nearest training images give candidate captions.
@@ -116,34 +114,27 @@ class NearestDecoder(CaptionDecoder):
                 self._remember(feature, caption)
         return {"loss": self.anchor * 0.0, "memorised_images": torch.tensor(float(len(self.rows)))}
 
-    def candidates(self, features: torch.Tensor, options: NearestOptions) -> list[list[str]] | None:
+    def candidates(self, features: torch.Tensor, options: NearestOptions) -> list[list[str]]:
         """Per image the captions of its k nearest memorised images (cosine similarity), nearest
-        first; None (with a warning) when nothing is memorised."""
+        first; the empty caption (with a warning) when nothing is memorised."""
         k = self.k if options.k is None else options.k
         if not self.rows:  # untrained: nothing to retrieve
             logger.warning("nearest: nothing memorised (train it for one epoch): empty captions")
-            return None
+            return [[""] for _ in range(len(features))]
         table = torch.stack(self.rows)  # (N, D)
         query = F.normalize(features.float().cpu(), dim=-1)  # (B, D)
         nearest = (query @ table.T).topk(min(k, len(self.rows)), dim=-1).indices  # (B, k)
         return [[c for i in row.tolist() for c in self.captions[i]] for row in nearest]
 
     def generate_batch(self, features: torch.Tensor, options: NearestOptions) -> list[str]:
-        """(B, D) features -> B captions: the consensus caption of the k nearest memorised
-        images (cosine similarity)."""
-        pools = self.candidates(features, options)
-        if pools is None:
-            return [""] * len(features)
-        return [consensus(pool) for pool in pools]
+        """(B, D) features -> B captions: the consensus of the k nearest images' captions."""
+        return [consensus(pool) for pool in self.candidates(features, options)]
 
     def sample_batch(self, features: torch.Tensor, options: NearestOptions, num_samples: int,
                      generator: torch.Generator) -> list[list[str]]:
-        """Per image ``num_samples`` captions drawn uniformly without replacement from its
-        candidates (the captions of its k nearest memorised images), a new round through them
-        when ``num_samples`` exceeds their number."""
+        """Per image ``num_samples`` of its candidates drawn uniformly without replacement (a
+        new round through them when ``num_samples`` exceeds their number)."""
         pools = self.candidates(features, options)
-        if pools is None:
-            return [[""] * num_samples for _ in range(len(features))]
         picks = draw_indices([len(pool) for pool in pools], num_samples, generator)
         return [[pool[i] for i in chosen] for pool, chosen in zip(pools, picks, strict=True)]
 
