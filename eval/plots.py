@@ -55,13 +55,7 @@ def plot_quality_vs_steps(decoders: dict[str, Any], out: str | Path, metric: str
     axis.set_xlabel("inference steps K")
     axis.set_ylabel(metric)
     axis.set_title(f"{metric} on the test split vs inference steps")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, axis, out, legend_size=None)
 
 
 def plot_latency_vs_batch(speed: dict[str, Any], out: str | Path) -> Path | None:
@@ -84,13 +78,7 @@ def plot_latency_vs_batch(speed: dict[str, Any], out: str | Path) -> Path | None
     axis.set_xlabel("batch size")
     axis.set_ylabel("ms per caption (median)")
     axis.set_title(f"Latency vs batch size ({speed['device']}, {speed['threads']} thread(s))")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, axis, out, grid_which="both")
 
 
 def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path) -> Path | None:
@@ -116,13 +104,7 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (each decoder's own)")
     axis.set_title("Training curves")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, axis, out)
 
 
 def diversity_points(decoders: dict[str, Any], diversity: str = "self_CIDEr",
@@ -159,8 +141,14 @@ def plot_quality_vs_diversity(decoders: dict[str, Any], out: str | Path,
     axis.set_xlabel(f"{diversity} of the samples (higher: more diverse)")
     axis.set_ylabel(f"{quality.replace('_', ' ')} of the samples")
     axis.set_title("Quality vs diversity of sampled captions")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    return _save(figure, axis, out)
+
+
+def _save(figure: Any, axis: Any, out: str | Path, legend_size: int | None = 7,
+          grid_which: str = "major") -> Path:
+    """Grid, legend, tight layout; write ``out`` (PNG, 120 dpi) and close the figure."""
+    axis.grid(alpha=0.3, which=grid_which)
+    axis.legend(**({"fontsize": legend_size} if legend_size else {}))
     figure.tight_layout()
     out = Path(out)
     figure.savefig(out, dpi=120)
