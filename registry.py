@@ -247,11 +247,7 @@ class CaptionDecoder(nn.Module, Registrable):
     def generate(self, features: torch.Tensor, **options: Any) -> list[str]:
         """(B, D) features -> B captions; ``options`` are fields of the class's ``Options``
         (an unknown one fails naming those it has). Eval mode inside, the mode restored."""
-        parsed = self.options(options)
-        if features.shape[0] == 0:
-            return []
-        with self.evaluating():
-            return self.generate_batch(features, parsed)
+        return self._on_batch(self.generate_batch, features, options)
 
     @torch.no_grad()
     def generate_trajectory(self, features: torch.Tensor, **options: Any) -> list[list[str]]:
@@ -260,11 +256,15 @@ class CaptionDecoder(nn.Module, Registrable):
         if not self.capabilities.trajectory:
             raise ValueError(f"{type(self).__name__} returns no trajectory "
                              "(capabilities.trajectory is False)")
+        return self._on_batch(self.generate_trajectory_batch, features, options)
+
+    def _on_batch(self, method: Any, features: torch.Tensor, options: dict[str, Any]) -> list:
+        """``method(features, parsed options)`` in eval mode; ``[]`` for an empty batch."""
         parsed = self.options(options)
         if features.shape[0] == 0:
             return []
         with self.evaluating():
-            return self.generate_trajectory_batch(features, parsed)
+            return method(features, parsed)
 
     @torch.no_grad()
     def generate_samples(self, features: torch.Tensor, num_samples: int = 5, seed: int = 0, *,
