@@ -57,6 +57,7 @@ from eval.plots import (
     plot_quality_vs_steps,
     plot_training_curves,
 )
+from eval.rerank import rerank_by_clipscore
 from registry import CaptionDecoder, build, registered_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,38 @@ def diversity_settings(block: dict[str, Any] | bool | None) -> dict[str, Any] | 
     if not isinstance(sweep, bool):
         raise ValueError(f"preset diversity block: sweep must be true or false, got {sweep!r}")
     return {"samples": samples, "seed": seed, "sweep": sweep}
+
+
+def rerank_phase(encoder: Any, test: SplitFeatures, results: dict[str, dict[int, str]],
+                 run: RunFolder, summaries: dict[str, DecoderSummary], prompt: str = "") -> None:
+    """``<decoder>+rerank``, its own row: each test image's default caption and the diversity
+    phase's samples (``<decoder>/samples_test.json``) reranked by CLIPScore with the run's
+    encoder (:mod:`eval.rerank`), scored like the step sweep (BLEU, ROUGE-L, CIDEr), into
+    ``summaries[name]["rerank"]``; its cost is the samples' plus the CLIP text pass."""
+    references = {r.image_id: list(r.captions) for r in test.records}
+    rows = {image_id: row for row, image_id in enumerate(test.image_ids)}
+    for name, summary in summaries.items():
+        path = run.decoder(name).samples
+        if not path.is_file() or name not in results:
+            continue
+        samples = {int(k): v for k, v in json.loads(path.read_text()).items()}
+        ids = [i for i in test.image_ids if i in samples and i in results[name]]
+        candidates = [[results[name][i], *samples[i]] for i in ids]
+        started = time.perf_counter()
+        chosen = rerank_by_clipscore(encoder, test.features[[rows[i] for i in ids]], candidates,
+                                     prompt)
+        seconds = time.perf_counter() - started
+        reranked = dict(zip(ids, chosen, strict=True))
+        write_results(run.decoder(name).reranked_results, reranked)
+        report = score_captions(reranked, references, metrics=SWEEP_METRICS)
+        default_run = ((summary.get("diversity") or {}).get("runs") or {}).get("default") or {}
+        summary["rerank"] = {
+            "candidates": len(candidates[0]) if candidates else 0,
+            "scores": report.scores, "rerank_seconds": round(seconds, 2),
+            "sample_seconds": default_run.get("sample_seconds"),
+            "kept_default": sum(c == results[name][i] for i, c in reranked.items()) / len(ids)}
+        logger.info("%s+rerank: CIDEr %.3f (default %.3f)", name, report.scores.get("CIDEr", 0),
+                    summary["test"]["default"]["scores"].get("CIDEr", 0))
 
 
 def diversity_phase(best: dict[str, CaptionDecoder], generate_options: dict[str, dict[str, Any]],
@@ -447,6 +480,7 @@ def compare(
         started = time.perf_counter()
         diversity_phase(best, generate_options, test, diversity, run, summaries)
         diversity = {**diversity, "seconds": round(time.perf_counter() - started, 1)}
+        rerank_phase(work.encoder, test, results, run, summaries, prompt)
     metrics = RunMetrics(
         dataset=dataset_cfg, encoder={**encoder_cfg, "fingerprint": work.encoder.fingerprint},
         test_images=len(test.records),

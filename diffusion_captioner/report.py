@@ -183,6 +183,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
         lines += [""]
 
     lines += _diversity_table(decoders, metrics.get("diversity") or {})
+    lines += _rerank_table(decoders, metrics.get("test_images") or 1)
 
     speed = metrics.get("speed")
     if metrics.get("speed_off"):
@@ -232,6 +233,27 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                  "`<decoder>/metrics.json` (with per-image scores), `<decoder>/clipscore.json`, "
                  "`<decoder>/train_log.jsonl`, `<decoder>/checkpoint/`; `speed.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _rerank_table(decoders: dict[str, Any], images: int) -> list[str]:
+    """``<decoder>+rerank`` rows: the default caption and the diversity samples reranked by
+    CLIPScore, each beside the decoder's own default, with what it spent."""
+    rows = {n: s["rerank"] for n, s in decoders.items() if s.get("rerank")}
+    if not rows:
+        return []
+    lines = ["## Reranked by CLIPScore (their own rows, not the headline)", "",
+             "Each image's default caption and its diversity samples, reranked by the run's CLIP "
+             "encoder (`eval/rerank.py`). The cost is the samples' plus one CLIP text pass.", "",
+             "| row | candidates | CIDEr | Bleu_4 | the decoder's own CIDEr | default kept | "
+             "extra ms/image |", "|---|---|---|---|---|---|---|"]
+    for name, rerank in rows.items():
+        own = decoders[name]["test"]["default"]["scores"].get("CIDEr")
+        extra = (rerank.get("sample_seconds") or 0) + rerank["rerank_seconds"]
+        lines.append(f"| {name}+rerank | {rerank['candidates']} | "
+                     f"{_format(rerank['scores'].get('CIDEr'))} | "
+                     f"{_format(rerank['scores'].get('Bleu_4'))} | {_format(own)} | "
+                     f"{rerank['kept_default']:.0%} | {1000 * extra / images:.2f} |")
+    return [*lines, ""]
 
 
 def _diversity_table(decoders: dict[str, Any], phase: dict[str, Any]) -> list[str]:

@@ -184,6 +184,11 @@ class DecoderFolder:
         """The COCO result file of the default options, or of the sweep at ``steps``."""
         return self.root / ("results_test.json" if steps is None else f"results_test_k{steps}.json")
 
+    @property
+    def reranked_results(self) -> Path:
+        """The ``+rerank`` row's test captions (COCO result format)."""
+        return self.root / "results_test_rerank.json"
+
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / "config.json").is_file()
 

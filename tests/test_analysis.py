@@ -217,3 +217,19 @@ def test_speed_contrast_names_the_faster_decoder_and_the_ratios():
     assert flips["second_faster_at"] == [1]
     assert "fast is faster at batch 1, clipcap at batch 64" in describe_contrast("clipcap", "fast", flips)
     assert speed_contrast(autoregressive, []) == {}
+
+
+def test_the_clipscore_reranker_picks_the_closest_candidate_and_keeps_identical_ones():
+    from eval.rerank import rerank_by_clipscore
+
+    class Words:  # a text encoder that maps each caption to a fixed direction
+        vectors = {"a red circle": [1.0, 0.0], "a blue square": [0.0, 1.0], "x": [0.7, 0.7]}
+
+        def encode_texts(self, texts):
+            return torch.tensor([self.vectors[t] for t in texts])
+
+    images = torch.tensor([[0.0, 2.0], [3.0, 0.1], [1.0, 1.0]])  # (3, D)
+    candidates = [["a red circle", "a blue square"], ["a blue square", "a red circle"],
+                  ["x", "x", "x"]]
+    assert rerank_by_clipscore(Words(), images, candidates) == ["a blue square", "a red circle",
+                                                                 "x"]

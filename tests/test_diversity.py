@@ -321,3 +321,8 @@ def test_compare_reports_diversity_and_skips_a_decoder_that_cannot_sample(
     assert "- stubborn: not sampled: Stubborn declares no sampling" in report
     assert (tmp_path / "run" / "nearest" / "samples_test.json").is_file()
     assert (tmp_path / "run" / "quality_vs_diversity.png").is_file()
+    rerank = metrics["decoders"]["nearest"]["rerank"]  # its own row, from the same samples
+    assert rerank["candidates"] == 4 and "CIDEr" in rerank["scores"]
+    assert "stubborn" not in [n for n, s in metrics["decoders"].items() if s.get("rerank")]
+    assert "| nearest+rerank | 4 | " in report
+    assert (tmp_path / "run" / "nearest" / "results_test_rerank.json").is_file()
