@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import functools
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +212,36 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def write_colour_images(folder: Path, colours: Sequence[tuple[int, int, int]]) -> list[Path]:
+    """One small solid-colour PNG per colour in ``folder``: images to caption."""
+    from PIL import Image
+
+    paths = []
+    for k, colour in enumerate(colours):
+        path = folder / f"image{k}.png"
+        Image.new("RGB", (48, 40), colour).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``dcap`` in process: its exit code, stdout and stderr."""
+    from diffusion_captioner.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """A failed command printed exactly one ``dcap: error:`` line (no traceback) holding every
+    needle; returns it."""
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("dcap: error:")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

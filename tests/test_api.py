@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import write_untrained_run
+from helpers import write_colour_images, write_untrained_run
 from PIL import Image
 
 import diffusion_captioner as dc
@@ -26,13 +26,8 @@ def untrained_run(tiny_clip_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("api-images")
-    paths = []
-    for k, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
-        path = folder / f"image{k}.png"
-        Image.new("RGB", (48, 40), color).save(path)
-        paths.append(path)
-    return paths
+    return write_colour_images(tmp_path_factory.mktemp("api-images"),
+                               [(200, 30, 30), (30, 200, 30), (30, 30, 200)])
 
 
 def test_import_is_cheap_and_every_name_resolves():

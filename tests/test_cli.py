@@ -11,28 +11,14 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_SHAPES
+from helpers import assert_one_line_error, run_cli
 from test_registry import write_user_module
 
-from diffusion_captioner.cli import as_list, main
+from diffusion_captioner.cli import as_list
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"max_steps": 3, "batch_size": 8, "eval_every": 2, "eval_batches": 1, "log_every": 1,
               "warmup_steps": 0, "max_minutes": None}
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("dcap: error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_fire_list_normalisation():

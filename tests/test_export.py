@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_SHAPES
-from helpers import block_network, write_untrained_run
+from helpers import (
+    assert_one_line_error,
+    block_network,
+    run_cli,
+    write_colour_images,
+    write_untrained_run,
+)
 from PIL import Image
 
 import diffusion_captioner as dc
@@ -50,30 +56,13 @@ def exported(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("export-images")
-    paths = []
-    for k, color in enumerate([(200, 30, 30), (30, 200, 30), (240, 240, 30)]):
-        path = folder / f"image{k}.png"
-        Image.new("RGB", (48, 40), color).save(path)
-        paths.append(path)
-    return paths
+    return write_colour_images(tmp_path_factory.mktemp("export-images"),
+                               [(200, 30, 30), (30, 200, 30), (240, 240, 30)])
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     torch.manual_seed(0)
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("dcap: error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+    return run_cli(argv, capsys)
 
 
 def test_exported_folder_captions_like_the_run(trained_run, exported, images, capsys):
