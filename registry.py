@@ -37,10 +37,16 @@ from torch import nn
 
 from diffusion_captioner.checkpoint import load_decoder, save_decoder
 from diffusion_captioner.errors import ComponentError
-from diffusion_captioner.generation import Capabilities, DecoderKind, GenerationOptions
+from diffusion_captioner.generation import (
+    Capabilities,
+    DecoderKind,
+    GenerationOptions,
+    ScoredSamples,
+)
 
 __all__ = ["SPLITS", "Capabilities", "CaptionDataset", "CaptionDecoder", "CaptionRecord",
-           "ComponentError", "DecoderKind", "GenerationOptions", "ImageEncoder", "Role", "Split",
+           "ComponentError", "DecoderKind", "GenerationOptions", "ImageEncoder", "Role",
+           "ScoredSamples", "Split",
            "available", "build", "describe", "include_package", "registered_name", "resolve"]
 
 if TYPE_CHECKING:
@@ -112,6 +118,9 @@ class CaptionDecoder(nn.Module, Registrable):
     * ``sample_batch(features, options, num_samples, generator) -> list[list[str]]`` when
       ``capabilities.sampling``: per image, ``num_samples`` captions drawn from the decoder's
       distribution with every random number taken from ``generator`` (:meth:`generate_samples`);
+    * ``scored_sample_batch(features, options, num_samples, generator) -> ScoredSamples`` when
+      ``capabilities.log_probs``: the samples with their differentiable log-probabilities
+      (:meth:`sample_with_log_probs`, what self-critical training needs);
     * ``save_extra(directory)`` / ``checkpoint_overrides(directory)``: extra checkpoint files
       and the constructor arguments that rebuild from them (no-ops);
     * ``check_config`` / ``check_generate_options``: plan-time refusals (default: the options
@@ -296,6 +305,37 @@ class CaptionDecoder(nn.Module, Registrable):
             raise RuntimeError(f"{type(self).__name__}.sample_batch returned {len(samples)} lists "
                                f"for {features.shape[0]} images; each needs {num_samples} captions")
         return samples
+
+    def sample_with_log_probs(self, features: torch.Tensor, num_samples: int,
+                              generator: torch.Generator, **options: Any) -> ScoredSamples:
+        """(B, D) features -> :class:`ScoredSamples`: per image ``num_samples`` captions drawn
+        as :meth:`generate_samples` draws them, with the (B, n) log-probability of each, which
+        carries the gradient (self-critical training; ``capabilities.log_probs``).
+
+        Unlike :meth:`generate_samples` it runs with gradients and in the current mode (the
+        trainer's): a decoder draws its samples without gradients and then scores them once
+        with them (its ``scored_sample_batch``)."""
+        if not self.capabilities.log_probs:
+            raise ValueError(f"{type(self).__name__} gives no log-probabilities of its samples "
+                             "(capabilities.log_probs is False): it cannot be trained by SCST")
+        if int(num_samples) < 1 or features.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}: sample_with_log_probs needs >= 1 image "
+                             f"and num_samples >= 1, got {features.shape[0]} and {num_samples}")
+        parsed = self.options(options)
+        scored = self.scored_sample_batch(features, parsed, int(num_samples), generator)
+        shape = (features.shape[0], int(num_samples))
+        if (len(scored.captions) != shape[0] or any(len(c) != shape[1] for c in scored.captions)
+                or tuple(scored.log_probs.shape) != shape):
+            raise RuntimeError(f"{type(self).__name__}.scored_sample_batch must return {shape[0]} "
+                               f"lists of {shape[1]} captions and ({shape[0]}, {shape[1]}) "
+                               "log-probabilities")
+        return scored
+
+    def scored_sample_batch(self, features: torch.Tensor, options: Any, num_samples: int,
+                            generator: torch.Generator) -> ScoredSamples:
+        """(B, D) features, B >= 1 -> :class:`ScoredSamples` (``capabilities.log_probs``;
+        gradients on, the caller's mode)."""
+        raise NotImplementedError
 
     def generate_batch(self, features: torch.Tensor, options: Any) -> list[str]:
         """(B, D) features, B >= 1 -> B captions (no_grad and eval mode already set)."""

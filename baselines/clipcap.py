@@ -38,9 +38,15 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
-from diffusion_captioner.sampling import check_sampling, draw, regroup
+from diffusion_captioner.sampling import (
+    check_sampling,
+    draw,
+    draw_log_prob,
+    regroup,
+    through_first_stop,
+)
 from diffusion_captioner.tokenization import decode_until_stop
-from registry import Capabilities, CaptionDecoder, GenerationOptions
+from registry import Capabilities, CaptionDecoder, GenerationOptions, ScoredSamples
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +253,7 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
 
     Options = ClipCapOptions
     capabilities = Capabilities(kind="autoregressive", fixed_tokens_option="fixed_tokens",
-                                sampling=True)
+                                sampling=True, log_probs=True)
     default_lm, offline_configs = "gpt2", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -504,6 +510,37 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
 
         ids = self._greedy(prefix, max_new, stop=options.fixed_tokens is None, pick=pick)
         return regroup(self.decode(ids), num_samples)
+
+    def scored_sample_batch(self, features: torch.Tensor, options: ClipCapOptions,
+                            num_samples: int, generator: torch.Generator) -> ScoredSamples:
+        """:meth:`sample_batch`'s draws with ``log p(c) = sum_t log p_tau(w_t | p, w_<t)`` over
+        the tokens up to and including eos (:func:`~diffusion_captioner.sampling.draw_log_prob`:
+        the tempered, top-k / top-p truncated distribution they were drawn from). The draws run
+        cached without gradients; the log-probabilities come from one teacher-forced pass over
+        the drawn tokens, with them."""
+        max_new = self._max_new(options)
+        if options.fixed_tokens is not None:
+            raise ValueError("clipcap: fixed_tokens times generation; it has no sampled caption "
+                             "to score")
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B n, V) -> (B n,)
+            return draw(logits, generator, options.sample_temperature, options.top_k,
+                        options.top_p)
+
+        with torch.no_grad():
+            rows = self.prefix_embeddings(features).repeat_interleave(num_samples, dim=0)
+            ids = self._greedy(rows, max_new, stop=True, pick=pick)  # (B n, t)
+        prefix = self.prefix_embeddings(features).repeat_interleave(num_samples, dim=0)  # (B n, k, E)
+        tokens = self.lm.get_input_embeddings()(ids[:, :-1]).to(prefix.dtype)  # (B n, t-1, E)
+        hidden = self.lm.base_model(inputs_embeds=torch.cat([prefix, tokens], dim=1)
+                                    ).last_hidden_state  # (B n, k+t-1, E)
+        logits = self.lm.get_output_embeddings()(hidden[:, self.prefix_length - 1:])  # (B n, t, V)
+        logp = draw_log_prob(logits, ids, options.sample_temperature, options.top_k,
+                             options.top_p)  # (B n, t)
+        made = through_first_stop(ids, (self.eos_token_id,))  # (B n, t)
+        shape = (features.shape[0], num_samples)
+        return ScoredSamples(regroup(self.decode(ids), num_samples),
+                             logp.where(made, 0.0).sum(-1).view(shape), made.sum(-1).view(shape))
 
     def generate_batch(self, features: torch.Tensor, options: ClipCapOptions) -> list[str]:
         """(B, D) features -> B captions, greedy (``num_beams=1``) or beam search, cached;

@@ -61,9 +61,15 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
-from diffusion_captioner.sampling import check_sampling, draw, regroup
+from diffusion_captioner.sampling import (
+    check_sampling,
+    draw,
+    draw_log_prob,
+    regroup,
+    through_first_stop,
+)
 from diffusion_captioner.tokenization import decode_until_stop
-from registry import Capabilities, CaptionDecoder, GenerationOptions
+from registry import Capabilities, CaptionDecoder, GenerationOptions, ScoredSamples
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +203,8 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
 
     Options = MNICOptions
     capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
-                                step_sweep=(1, 2, 4, 8), sampling=True)
+                                step_sweep=(1, 2, 4, 8), sampling=True,
+                                log_probs=True)
     default_lm, offline_configs = "bert-base-uncased", OFFLINE_LM_CONFIGS
 
     def __init__(
@@ -370,6 +377,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
     def mask_predict(
         self, features: torch.Tensor, lengths: torch.Tensor, steps: int,
         pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """K mask-predict passes for N rows of given lengths.
 
@@ -378,6 +386,7 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         (N, T) bool. Pass 0 masks everything; pass t re-masks the ``remask_counts`` least
         confident positions and only those get new tokens and probabilities. ``pick`` replaces
         the argmax, (N, T, V) logits -> (N, T) ids (sampling); ``p_i`` is then the drawn token's.
+        ``inputs``: a list that receives every pass's (masked input (N, T), re-masked (N, T)).
         """
         rows, width = lengths.shape[0], int(lengths.max())
         positions = torch.arange(width, device=self.device)  # (T,)
@@ -390,6 +399,8 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         for t in range(int(steps)):
             remask = valid if t == 0 else least_confident(scores, valid, counts[t])  # (N, T)
             tokens = tokens.masked_fill(remask, self.mask_token_id)  # (N, T)
+            if inputs is not None:
+                inputs.append((tokens, remask))
             logits = self.token_logits(tokens, attention, features)  # (N, T, V)
             logits = logits.masked_fill(~self.allowed_tokens, float("-inf"))  # (N, T, V)
             if pick is None:
@@ -427,6 +438,49 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         lengths = self.length_mode.sample_lengths(self, rows, pick)  # (B n,)
         history, _, _ = self.mask_predict(rows, lengths, options.steps, pick)
         return regroup(self.decode(history[-1]), num_samples)
+
+    def scored_sample_batch(self, features: torch.Tensor, options: MNICOptions,
+                            num_samples: int, generator: torch.Generator) -> ScoredSamples:
+        """:meth:`sample_batch`'s draws with their log-probability: the drawn length's
+        ``log p_tau(L | z)`` plus, for every position up to the end token, ``log p_tau(w_i |
+        z, y^(p))`` at the pass p that wrote its final token (the last pass that re-masked it;
+        with K = 1 the one pass). The K passes' inputs are known after the draw (made without
+        gradients), so the log-probabilities come from one batched pass over all K of them, with
+        gradients."""
+        if options.steps < 1:
+            raise ValueError(f"mnic: steps must be >= 1, got {options.steps}")
+        tau = options.sample_temperature
+        rows = features.to(self.device).repeat_interleave(num_samples, dim=0)  # (B n, D)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
+            return draw(logits, generator, tau)
+
+        passes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            lengths = self.length_mode.sample_lengths(self, rows, pick)  # (B n,)
+            history, _, valid = self.mask_predict(rows, lengths, options.steps, pick, passes)
+        final = history[-1]  # (B n, T)
+        count, width = len(passes), final.shape[1]
+        stacked = torch.cat([tokens for tokens, _ in passes])  # (K B n, T)
+        attention = self.length_mode.attention(valid).repeat(count, 1)  # (K B n, T)
+        logits = self.token_logits(stacked, attention, rows.repeat(count, 1))  # (K B n, T, V)
+        logits = logits.masked_fill(~self.allowed_tokens, float("-inf")).view(
+            count, -1, width, logits.shape[-1])  # (K, B n, T, V)
+        remasked = torch.stack([mask for _, mask in passes])  # (K, B n, T)
+        order = torch.arange(count, device=self.device)[:, None, None]  # (K, 1, 1)
+        writer = torch.where(remasked, order, -1).amax(0)  # (B n, T): the pass that wrote it
+        chosen = logits.gather(0, writer.clamp_min(0)[None, ..., None].expand(
+            1, -1, -1, logits.shape[-1]))[0]  # (B n, T, V)
+        logp = draw_log_prob(chosen, final, tau)  # (B n, T)
+        made = through_first_stop(final, (self.end_token_id, self.pad_token_id), valid)
+        total = logp.where(made, 0.0).sum(-1)  # (B n,)
+        decisions = made.sum(-1)  # (B n,)
+        if self.length_mode.name == "predict":
+            total = total + draw_log_prob(self.length_logits(rows), lengths, tau)
+            decisions = decisions + 1
+        shape = (features.shape[0], num_samples)
+        return ScoredSamples(regroup(self.decode(final), num_samples), total.view(shape),
+                             decisions.view(shape))
 
     def generate_trajectory_batch(self, features: torch.Tensor,
                                   options: MNICOptions) -> list[list[str]]:

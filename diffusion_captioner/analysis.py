@@ -34,23 +34,41 @@ BENCH_BATCHES = (1, 4, 16, 64)
 BENCH_IMAGES = 16
 
 
-def significance(per_image: dict[str, dict[str, dict[Any, float]]], resamples: int = 2000
+def like_with_like(names: list[str], suffix: str = "-scst") -> list[tuple[str, str]]:
+    """The (row, baseline) pairs the report tests: every cross-entropy row against the first
+    one; every SCST row (``<name>-scst``) against the first SCST row (SCST vs SCST) and
+    against its own first phase (what SCST gained)."""
+    plain = [n for n in names if not n.endswith(suffix)]
+    scst = [n for n in names if n.endswith(suffix)]
+    pairs = [(name, plain[0]) for name in plain[1:]]
+    pairs += [(name, scst[0]) for name in scst[1:]]
+    pairs += [(name, name.removesuffix(suffix)) for name in scst if name.removesuffix(suffix)
+              in names]
+    return pairs
+
+
+def significance(per_image: dict[str, dict[str, dict[Any, float]]],
+                 pairs: list[tuple[str, str]] | None = None, resamples: int = 2000
                  ) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of every decoder against the first on per-image CIDEr and BLEU-4;
+    """Paired bootstrap on per-image CIDEr and BLEU-4 of each (row, baseline) in ``pairs``
+    (default: every decoder against the first), keyed by the row, or ``"row vs baseline"``
+    when the baseline is not the first decoder; each entry names its ``baseline``.
     ``per_image[decoder][metric][image_id]`` (ids as ints or as JSON's strings)."""
     names = list(per_image)
     if len(names) < 2:
         return {}
-    baseline = names[0]
+    if pairs is None:
+        pairs = [(name, names[0]) for name in names[1:]]
     out: dict[str, dict[str, Any]] = {}
-    for name in names[1:]:
-        out[name] = {}
+    for name, baseline in pairs:
+        key = name if baseline == names[0] else f"{name} vs {baseline}"
+        out[key] = {"baseline": baseline, "row": name}
         for metric in SIGNIFICANCE_METRICS:
             first = {int(k): v for k, v in per_image[baseline].get(metric, {}).items()}
             second = {int(k): v for k, v in per_image[name].get(metric, {}).items()}
             if first and second:
                 a, b = paired_scores(first, second)
-                out[name][metric] = paired_bootstrap(a, b, resamples=resamples).to_dict()
+                out[key][metric] = paired_bootstrap(a, b, resamples=resamples).to_dict()
     return out
 
 

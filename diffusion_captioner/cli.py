@@ -77,6 +77,7 @@ class Commands:
             out: run folder (default ``runs/<preset>-<decoders>``); rerun to resume.
             preset: preset name (packaged JSON stem, ``dcap list`` lists them: ``embedded``;
                 ``embedded-distilled``, plus a diffusion row distilled from clipcap;
+                ``embedded-scst``, plus a ``-scst`` row per decoder, its self-critical phase;
                 ``paper``, the original CLIP-DiffusionLM code; ``paper-text``, the paper's
                 text where it differs; ``paper-embedded``, the original at the embedded size)
                 or a path to a preset JSON; its ``speed`` block sets the timing phase and its
@@ -84,7 +85,10 @@ class Commands:
             dataset: dataset name (``shapes``) or a JSON config ``{"type": ..., ...}``.
             encoder: ``embedded`` (default), ``ViT-B-32:openai``, ``local-dir:PATH``...
             cache_dir: feature cache folder (default ``$DCAP_CACHE`` or ``~/.cache/diffusion_captioner``).
-            train: JSON object of training overrides for every decoder, e.g. ``{"max_steps": 100}``.
+            train: JSON object of training overrides for every decoder, e.g. ``{"max_steps": 100}``;
+                an ``scst`` block in it (``{"scst": {"samples": 5, "max_minutes": 3}}``) adds a
+                ``<decoder>-scst`` row per decoder: self-critical training on CIDEr-D after
+                cross-entropy (README, "Self-critical training").
             decoder_config: JSON object of constructor arguments per decoder, over the preset's,
                 e.g. ``{"diffusion": {"refine_noise": 0.25}, "my_pkg.mod.Mine": {"k": 5}}``
                 (a plugin without a preset entry gets its arguments this way).

@@ -42,6 +42,14 @@ from diffusion_captioner.run_folder import (
     RunFolder,
     RunMetrics,
 )
+from diffusion_captioner.scst import (
+    SCST_SUFFIX,
+    ImageReferences,
+    ScstPlan,
+    SelfCritical,
+    split_scst,
+    training_rewards,
+)
 from diffusion_captioner.tracking import check_trackers
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig, Trainer
 from eval.caption_stats import caption_statistics
@@ -74,6 +82,13 @@ class Workspace:
     dataset: Any
     encoder: Any
     splits: dict[str, SplitFeatures]
+    rewards: Any = None  # the SCST rewards (training idf), built once on first use
+
+    def scst_rewards(self) -> Any:
+        """(train, val) CIDEr-D rewards with the training split's idf, made once per run."""
+        if self.rewards is None:
+            self.rewards = training_rewards(self.splits["train"], self.splits["val"])
+        return self.rewards
 
 
 def prepare_features(dataset: Any, encoder: Any, cache_dir: str | Path | None,
@@ -262,6 +277,17 @@ class Teacher:
 
 
 @dataclass
+class FirstPhase:
+    """A ``-scst`` row's start: the first phase's trained decoder folder and its training."""
+
+    name: str
+    checkpoint: Path
+    train_steps: int
+    train_seconds: float
+    teacher_seconds: float = 0.0
+
+
+@dataclass
 class DecoderOutcome:
     """What :func:`run_decoder` gives: the summary and, when it trained or scored now, the best
     decoder, its default test captions and per-image scores, kept in memory for the report."""
@@ -274,7 +300,8 @@ class DecoderOutcome:
 
 def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
                 clip_prompt: str = "", progress: bool = True,
-                log_with: Sequence[str] = (), teacher: Teacher | None = None) -> DecoderOutcome:
+                log_with: Sequence[str] = (), teacher: Teacher | None = None,
+                first_phase: FirstPhase | None = None) -> DecoderOutcome:
     """Train, generate and score one decoder into ``out/<name>``.
 
     Only the decoder and train settings bind a folder (``plan.json``): other generation options
@@ -282,10 +309,12 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
     experiment trackers (``tracking.py``) that get the training log and, at the last step, the
     test metrics as ``test/<metric>``; they write under ``out/tracker``. ``teacher``: for a
     decoder with a ``distill`` block, the trained teacher whose captions of the training images
-    replace a share of its targets (:mod:`diffusion_captioner.distillation`)."""
+    replace a share of its targets (:mod:`diffusion_captioner.distillation`). ``first_phase``:
+    for a ``-scst`` row (``plan.scst``), the trained row it continues by SCST
+    (:mod:`diffusion_captioner.scst`) from that row's best weights."""
     folder = out.decoder(name)
     check_same_plan(folder.root, {"decoder": plan.decoder, "train": plan.train,
-                                  "distill": plan.distill})
+                                  "distill": plan.distill, "scst": plan.scst})
     summary = folder.read_summary()
     if summary is not None:
         if summary.get("generate") == plan.generate:
@@ -294,8 +323,12 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         logger.info("%s: generation options changed: scoring the trained checkpoint again", name)
     folder.root.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig.from_dict(plan.train)
-    train, val, test = work.splits["train"], work.splits["val"], work.splits["test"]
+    train, val = work.splits["train"], work.splits["val"]
     pairs, teacher_record = CaptionPairs.from_split(train), None
+    if plan.scst:
+        if first_phase is None:
+            raise ValueError(f"{name}: an SCST row needs its first phase's run")
+        return run_scst(name, plan, work, out, first_phase, clip_prompt, progress, log_with)
     if plan.distill:
         if teacher is None:
             raise ValueError(f"{name}: a distilled decoder needs its teacher's run")
@@ -311,8 +344,56 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
                       train_cfg, folder.root, progress=progress, log_with=log_with,
                       tracker_dir=out.tracker, tracker_name=name)
     state = trainer.fit(resume=True, end_tracking=False)
-    parameters = count_parameters(decoder)
-    best = type(decoder).from_pretrained(trainer.best_dir).to(trainer.accelerator.device)
+    outcome = score_decoder(name, plan, work, out, trainer, state, count_parameters(decoder),
+                            clip_prompt)
+    if teacher_record is not None:
+        outcome.summary["teacher"] = teacher_record
+    folder.summary.write_text(json.dumps(outcome.summary, indent=2, default=str))
+    trainer.end_tracking()
+    return outcome
+
+
+def run_scst(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
+             first_phase: FirstPhase, clip_prompt: str = "", progress: bool = True,
+             log_with: Sequence[str] = ()) -> DecoderOutcome:
+    """The ``-scst`` row: SCST (:class:`~diffusion_captioner.scst.SelfCritical`) from the
+    first phase's best weights on the training images, into ``out/<name>`` (resumable like
+    the first phase), then scored like every row. Its summary records the first phase, whose
+    training time the report adds to its own."""
+    folder = out.decoder(name)
+    scst = ScstPlan.from_dict(plan.scst, plan.train, name)
+    decoder = resolve("decoder", plan.decoder["type"]).from_pretrained(first_phase.checkpoint)
+    rewards, val_rewards = work.scst_rewards()
+    trainer = Trainer(decoder, ImageReferences.from_split(work.splits["train"]),
+                      ImageReferences.from_split(work.splits["val"]), scst.train, folder.root,
+                      progress=progress, log_with=log_with, tracker_dir=out.tracker,
+                      tracker_name=name,
+                      objective=SelfCritical(rewards, val_rewards, plan.generate, scst))
+    state = trainer.fit(resume=True, end_tracking=False)
+    outcome = score_decoder(name, plan, work, out, trainer, state, count_parameters(decoder),
+                            clip_prompt)
+    outcome.summary["train"] = {**plan.train, "scst": scst.to_dict()}
+    outcome.summary["scst"] = {
+        "from": first_phase.name, "first_phase_steps": first_phase.train_steps,
+        "first_phase_seconds": first_phase.train_seconds,
+        "teacher_seconds": first_phase.teacher_seconds,
+        "samples": scst.samples, "baseline": scst.baseline,
+        "best_val_cider": -state.best_val_loss if state.best_val_loss is not None else None}
+    folder.summary.write_text(json.dumps(outcome.summary, indent=2, default=str))
+    trainer.end_tracking()
+    return outcome
+
+
+def score_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
+                  trainer: Trainer, state: Any, parameters: dict[str, int],
+                  clip_prompt: str = "") -> DecoderOutcome:
+    """Generate on the test split with the trained ``checkpoint/best`` (default options, then
+    each swept step count), score it (pycocoevalcap, per group, CLIPScore, caption statistics)
+    into ``out/<name>``, and return the outcome with its summary (not yet written)."""
+    folder = out.decoder(name)
+    train, test = work.splits["train"], work.splits["test"]
+    best = resolve("decoder", plan.decoder["type"]).from_pretrained(trainer.best_dir).to(
+        trainer.accelerator.device)
 
     references = {r.image_id: list(r.captions) for r in test.records}
     default, *sweep = analysis.sweep_options(best, plan.generate)
@@ -354,10 +435,6 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         caption_stats=caption_statistics(
             list(default_results.values()), (c for r in train.records for c in r.captions)),
     )
-    if teacher_record is not None:
-        summary["teacher"] = teacher_record
-    folder.summary.write_text(json.dumps(summary, indent=2, default=str))
-    trainer.end_tracking()
     return DecoderOutcome(summary, best, default_results, per_image)
 
 
@@ -403,6 +480,7 @@ def compare(
         plans[name] = DecoderPlan(
             {**entry["decoder"], **(decoder_overrides or {}).get(name, {})},
             {**entry["train"], **(train_overrides or {})}, entry["generate"], entry["distill"])
+    plans = split_scst(plans)  # a train.scst block: the plain row, then its -scst row
     for name, p in plans.items():  # a teacher trains first, in the same run
         if p.distill:
             teacher = DistillPlan.from_dict(p.distill, name).teacher
@@ -420,6 +498,14 @@ def compare(
     for name, p in plans.items():  # a configuration that cannot work fails before any work
         classes[name].check_config(p.decoder)
         classes[name].check_generate_options(p.generate, p.decoder)
+        if p.scst:
+            scst = ScstPlan.from_dict(p.scst, p.train, name)
+            if not classes[name].capabilities.log_probs:
+                raise ValueError(f"{name.removesuffix(SCST_SUFFIX)}: {classes[name].__name__} "
+                                 "gives no log-probabilities "
+                                 "of its samples (capabilities.log_probs is False), so SCST "
+                                 "cannot train it; drop train.scst for it")
+            classes[name].check_generate_options({**p.generate, **scst.sample}, p.decoder)
     speed = speed_options(plan.get("speed"), bench_repeats)
     diversity = diversity_settings(plan.get("diversity"))
     protocol = dict(plan.get("paper_bleu") or {})
@@ -454,13 +540,21 @@ def compare(
     outcomes: dict[str, DecoderOutcome] = {}
     for name, p in plans.items():
         teacher = None
-        if p.distill:
+        if p.distill and not p.scst:  # an SCST row starts from its trained first phase
             source = DistillPlan.from_dict(p.distill, name).teacher
             done = outcomes[source]
             teacher = Teacher(done.decoder if done.decoder is not None
                               else load_best(run, source, plans[source], device),
                               plans[source].generate, float(done.summary["train_seconds"]))
-        outcomes[name] = run_decoder(name, p, work, run, prompt, progress, log_with, teacher)
+        first_phase = None
+        if p.scst:
+            source = name.removesuffix(SCST_SUFFIX)
+            done = outcomes[source].summary
+            first_phase = FirstPhase(source, run.decoder(source).checkpoint,
+                                     int(done["train_steps"]), float(done["train_seconds"]),
+                                     float((done.get("teacher") or {}).get("train_seconds", 0)))
+        outcomes[name] = run_decoder(name, p, work, run, prompt, progress, log_with, teacher,
+                                     first_phase)
     # what was trained or scored now stays in memory; only resumed decoders are read back
     names = list(outcomes)
     best = {name: o.decoder if o.decoder is not None
@@ -486,7 +580,7 @@ def compare(
         test_images=len(test.records),
         skipped_images={s: len(f.skipped) for s, f in work.splits.items()},
         decoders=summaries,
-        significance=analysis.significance(per_image),
+        significance=analysis.significance(per_image, analysis.like_with_like(names)),
         speed={} if speed is None else analysis.bench_decoders(
             best, generate_options, test.features, device, **speed),
         speed_off=speed is None,

@@ -51,6 +51,9 @@ class Capabilities:
         sampling: ``generate_samples`` draws captions from the decoder's distribution (its
             ``sample_batch``); compare's diversity phase skips, with a line in the report, a
             decoder that does not declare it.
+        log_probs: ``sample_with_log_probs`` returns each sample's differentiable
+            log-probability (its ``scored_sample_batch``), which self-critical sequence training
+            (:mod:`diffusion_captioner.scst`) needs; implies ``sampling``.
     """
 
     kind: DecoderKind = "single"
@@ -59,6 +62,7 @@ class Capabilities:
     step_sweep: tuple[int, ...] = ()
     fixed_tokens_option: str | None = None
     sampling: bool = False
+    log_probs: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in typing.get_args(DecoderKind):
@@ -66,6 +70,8 @@ class Capabilities:
                              f"{', '.join(typing.get_args(DecoderKind))}")
         if self.step_sweep and self.step_option is None:
             raise ValueError("Capabilities: a step_sweep needs the step_option it sweeps")
+        if self.log_probs and not self.sampling:
+            raise ValueError("Capabilities: log_probs scores samples; it needs sampling=True")
 
     def check_against(self, options: type[GenerationOptions], owner: str) -> None:
         """The options this record names must be fields of ``options``."""
@@ -74,6 +80,24 @@ class Capabilities:
             if name is not None and name not in options.names():
                 raise TypeError(f"{owner}: capabilities.{what} {name!r} is not a generation "
                                 f"option (it has: {', '.join(options.names()) or 'none'})")
+
+
+@dataclass(frozen=True)
+class ScoredSamples:
+    """n sampled captions per image with the log-probability of each under the decoder's
+    sampling distribution, for policy-gradient training (SCST).
+
+    Attributes:
+        captions: B lists of n captions, image-major.
+        log_probs: (B, n) ``log p(c_bj | z_b)`` summed over the decisions that drew sample
+            j of image b (its tokens, and its length where the decoder draws one); it carries
+            the gradient of the decoder's parameters.
+        decisions: (B, n) how many decisions each sum holds (to normalise a loss per token).
+    """
+
+    captions: list[list[str]]
+    log_probs: Any  # torch.Tensor (B, n), differentiable
+    decisions: Any  # torch.Tensor (B, n)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
     names = list(metrics["decoders"])
     if len(names) < 2:
         return []
-    baseline = names[0]
     lines = []
-    for name, tests in metrics.get("significance", {}).items():
+    for key, tests in metrics.get("significance", {}).items():
+        name, baseline = tests.get("row", key), tests.get("baseline", names[0])
         cider = tests.get("CIDEr")
         if not cider:
             continue
@@ -72,9 +72,16 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
 
 
 def _train_time(summary: dict[str, Any]) -> str:
-    """A decoder's training time; a distilled one's teacher's added (its row pays for it)."""
+    """A decoder's training time; a distilled one's teacher's added, and an SCST row's first
+    phase (each row pays for what it was built on)."""
     own = f"{summary['train_seconds']:.0f} s"
-    teacher = summary.get("teacher")
+    teacher, scst = summary.get("teacher"), summary.get("scst")
+    if scst:
+        total = summary["train_seconds"] + scst["first_phase_seconds"] + scst["teacher_seconds"]
+        first = f"{scst['from']} {scst['first_phase_seconds']:.0f} s"
+        if scst["teacher_seconds"]:
+            first += f" incl. teacher {scst['teacher_seconds']:.0f} s"
+        return f"{total:.0f} s ({first} + SCST {own})"
     if not teacher:
         return own
     total = summary["train_seconds"] + teacher["train_seconds"]
@@ -87,6 +94,7 @@ def _budget_line(decoders: dict[str, Any]) -> str | None:
     parts = []
     for name, summary in decoders.items():
         train = summary.get("train") or {}
+        train = train.get("scst") or train  # an SCST row: its own phase's budget
         if not train:
             continue
         minutes = train.get("max_minutes")

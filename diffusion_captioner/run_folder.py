@@ -36,15 +36,21 @@ class DecoderPlan:
     train: dict[str, Any]
     generate: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)  # {} or {"teacher", "ratio", "seed"}
+    #: {} or the ``train.scst`` block: this plan is the ``<decoder>+scst`` row, the SCST phase
+    #: started from the ``<decoder>`` row's best weights (``train`` is that row's first phase)
+    scst: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecoderPlan:
         return cls(dict(data["decoder"]), dict(data.get("train", {})),
-                   dict(data.get("generate", {})), dict(data.get("distill") or {}))
+                   dict(data.get("generate", {})), dict(data.get("distill") or {}),
+                   dict(data.get("scst") or {}))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"decoder": self.decoder, "train": self.train, "generate": self.generate}
-        return {**out, "distill": self.distill} if self.distill else out
+        if self.distill:
+            out["distill"] = self.distill
+        return {**out, "scst": self.scst} if self.scst else out
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class DecoderSummary(TypedDict, total=False):
     caption_stats: dict[str, Any]
     paper_bleu: dict[str, Any]
     teacher: dict[str, Any]  # a distilled decoder's teacher: name, ratio, train_seconds
+    scst: dict[str, Any]  # a +scst row: its first phase (name, steps, seconds) and SCST plan
     diversity: dict[str, Any]  # settings and scores of the samples per step count, or "skipped"
 
 

@@ -71,3 +71,26 @@ def draw_indices(counts: list[int], draws: int, generator: torch.Generator) -> l
 def regroup(flat: list[str], num_samples: int) -> list[list[str]]:
     """B * n captions, image-major (rows ``b n .. b n + n - 1`` are image b's) -> B lists of n."""
     return [flat[start:start + num_samples] for start in range(0, len(flat), num_samples)]
+
+
+def draw_log_prob(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``log p_tau(w)`` of drawn ids under the tempered, truncated distribution :func:`draw`
+    samples from (module docstring): (..., V) logits, (...,) ids -> (...,); differentiable in
+    the logits. Temperature 0 draws nothing, so it has no log-probability to give."""
+    if temperature <= 0:
+        raise ValueError(f"sample_temperature must be > 0 to score samples, got {temperature}")
+    tempered = truncate(logits.float() / temperature, top_k, top_p)  # (..., V)
+    return tempered.log_softmax(-1).gather(-1, ids[..., None].long())[..., 0]  # (...,)
+
+
+def through_first_stop(ids: torch.Tensor, stops: tuple[int, ...],
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, T) ids -> (N, T) bool: the positions up to and including the first of ``stops``
+    (all of them when there is none), within ``valid`` when given: the decisions that made a
+    caption (what follows its end token never reaches the text)."""
+    stop = torch.zeros_like(ids, dtype=torch.bool)  # (N, T)
+    for token in stops:
+        stop |= ids == token
+    before = (stop.long().cumsum(-1) - stop.long()) == 0  # (N, T): no stop strictly before
+    return before if valid is None else before & valid

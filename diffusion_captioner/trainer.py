@@ -138,6 +138,26 @@ class CaptionPairs:
         return cls(split.features, [r.captions for r in split.records], split.text_features)
 
 
+class CrossEntropy:
+    """The first phase's objective: the decoder's own loss on (feature, caption) pairs.
+
+    An objective is what one training step minimises: ``objective(model, batch, draw)`` returns
+    ``{"loss": scalar, ...parts to log}`` (``draw`` numbers the micro-batch, for an objective
+    that draws random numbers: a function of the step, so a resumed run draws the same), and
+    ``validation_loss(decoder, batch)`` gives (summed loss, examples) for the validation that
+    picks ``checkpoint/best`` (lower is better). ``progress_keys``: parts shown on the bar.
+    """
+
+    progress_keys: tuple[str, ...] = ()
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any],
+                 draw: int) -> dict[str, torch.Tensor]:
+        return model(batch)
+
+    def validation_loss(self, decoder: CaptionDecoder, batch: dict[str, Any]) -> tuple[float, int]:
+        return float(decoder.loss(batch)["loss"]) * len(batch["captions"]), len(batch["captions"])
+
+
 @dataclass
 class TrainerState:
     step: int = 0
@@ -165,11 +185,16 @@ class Trainer:
         log_with: Sequence[str] = (),
         tracker_dir: str | Path | None = None,
         tracker_name: str | None = None,
+        objective: Any = None,
     ) -> None:
         """``log_with``: accelerate tracker names (``tensorboard``, ``wandb``...; checked by
         :func:`~diffusion_captioner.tracking.check_trackers`), writing under ``tracker_dir``
-        (default ``out/tracker``) as a run named ``tracker_name`` (default ``out``'s name)."""
+        (default ``out/tracker``) as a run named ``tracker_name`` (default ``out``'s name).
+        ``objective``: what a step minimises (default :class:`CrossEntropy`; the SCST phase's
+        is :class:`~diffusion_captioner.scst.SelfCritical`), with ``train`` / ``val`` the
+        datasets it takes (``__len__`` and ``batch(indices)``)."""
         self.config, self.out, self.progress = config, Path(out), progress
+        self.objective = objective if objective is not None else CrossEntropy()
         self.log_with = list(log_with)
         self.tracker_dir = Path(tracker_dir) if tracker_dir is not None else self.out / "tracker"
         self.tracker_name = tracker_name or self.out.name
@@ -296,8 +321,29 @@ class Trainer:
             return False
         self.accelerator.load_state(str(self.last_dir))
         self.state = TrainerState(**json.loads(state_file.read_text()))
+        self._trim_log(self.state.step)
         logger.info("resumed from %s at step %d", self.last_dir, self.state.step)
         return True
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the log lines of steps after ``step`` (written after the last checkpoint, by a
+        run that was then killed): the resumed run logs those steps again."""
+        log_path = self.out / "train_log.jsonl"
+        if not self.accelerator.is_main_process or not log_path.is_file():
+            return
+        lines = log_path.read_text().splitlines(keepends=True)
+
+        def before(line: str) -> bool:  # a line cut by the kill is dropped too
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:
+                return False
+
+        kept = [line if line.endswith("\n") else line + "\n" for line in lines if before(line)]
+        if len(kept) != len(lines):
+            partial = log_path.with_suffix(".partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, log_path)
 
     # ------------------------------------------------------------------ loop
     @torch.no_grad()
@@ -314,8 +360,8 @@ class Trainer:
         for start in range(0, limit, size):
             batch = self._to_device(self.val_data.batch(list(range(start, min(start + size, limit)))))
             with self.accelerator.autocast():
-                total += float(model.loss(batch)["loss"]) * len(batch["captions"])
-            count += len(batch["captions"])
+                summed, examples = self.objective.validation_loss(model, batch)
+            total, count = total + summed, count + examples
         model.train()
         return total / count
 
@@ -325,13 +371,19 @@ class Trainer:
         interruption would (checkpoint/last written), so a later ``fit`` resumes from there.
         ``end_tracking=False`` leaves the trackers open for more values (:meth:`track`)."""
         cfg = self.config
-        if resume and self._resume() and self.state.finished:
+        resumed = resume and self._resume()
+        if resumed and self.state.finished:
             logger.info("training already finished at step %d", self.state.step)
             return self.state
+        if not resumed:  # a fresh start: the log of a run killed before its first checkpoint goes
+            self._trim_log(-1)
         self.out.mkdir(parents=True, exist_ok=True)
         save_every = cfg.save_every or self.eval_interval
         log_path = self.out / "train_log.jsonl"
-        log = jsonlines.open(log_path, mode="a") if self.accelerator.is_main_process else None
+        log = (jsonlines.open(log_path, mode="a", flush=True)  # a kill loses no line
+               if self.accelerator.is_main_process else None)
+        if self.state.step == 0 and getattr(self.objective, "validate_at_start", False):
+            self._validate_start(log)
         started = time.time() - self.state.elapsed_seconds
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step",
@@ -345,9 +397,10 @@ class Trainer:
         flush = self.accelerator.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
             while self.state.step < self.total_steps:
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     with self.accelerator.accumulate(self.model):
-                        parts = self.model(self._next_batch())
+                        parts = self.objective(self.model, self._next_batch(),
+                                               self.state.step * cfg.grad_accum + micro)
                         self.accelerator.backward(parts["loss"])
                         if self.accelerator.sync_gradients and cfg.max_grad_norm:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -362,7 +415,9 @@ class Trainer:
                 self.state.step += 1
                 self.state.elapsed_seconds = time.time() - started
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}", refresh=False)
+                shown = ("loss", *self.objective.progress_keys)
+                bar.set_postfix({k: f"{float(parts[k].detach()):.3f}" for k in shown if k in parts},
+                                refresh=False)
                 out_of_time = cfg.max_minutes is not None and \
                     self.state.elapsed_seconds >= cfg.max_minutes * 60
                 last_step = self.state.step >= self.total_steps or out_of_time
@@ -395,6 +450,17 @@ class Trainer:
         if self.state.finished and (last_is_kept or not self.best_dir.exists()):
             self._save_best()
         return self.state
+
+    def _validate_start(self, log) -> None:
+        """Validate the starting weights (a second phase's: the first phase's best) as step 0,
+        so that ``checkpoint/best`` is never worse on validation than where the phase began."""
+        val_loss = self.validate()
+        if val_loss is None or self.config.checkpoint_rule != "best_val":
+            return
+        self.state.best_val_loss = val_loss
+        self._save_best()
+        self._log(log, {"step": 0, "val_loss": round(val_loss, 6),
+                        "best_val_loss": round(val_loss, 6), "elapsed_s": 0.0})
 
     def _evaluate(self, log) -> None:
         val_loss = self.validate()

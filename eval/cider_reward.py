@@ -38,6 +38,7 @@ step.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from types import MappingProxyType
@@ -112,6 +113,18 @@ class CiderDReward:
         self._idf = {g: self._log_m - math.log(df) for g, df in self._df.items()}
         self._refs = {key: tuple(self._vector(counts) for counts in cooked)
                       for key, cooked in zip(keys, scorer.crefs, strict=True)}
+
+    def with_references(self, references: Mapping[Hashable, Sequence[str]]) -> CiderDReward:
+        """A reward that scores against ``references`` (e.g. the validation split's) with this
+        corpus's idf: the training idf, as SCST's validation uses it."""
+        empty = [key for key, refs in references.items() if not refs]
+        if not references or empty:
+            raise ValueError("CiderDReward.with_references: every image needs a reference "
+                             f"caption{f' (e.g. {empty[0]!r})' if empty else ''}")
+        other = copy.copy(self)
+        other._refs = {key: tuple(self._vector(precook(reward_tokens(r), self.n))
+                                  for r in refs) for key, refs in references.items()}
+        return other
 
     @property
     def corpus_size(self) -> int:

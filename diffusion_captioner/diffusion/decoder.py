@@ -88,9 +88,15 @@ from diffusion_captioner.language_models import (
     load_caption_tokenizer,
     pad_rows,
 )
-from diffusion_captioner.sampling import check_sampling, draw, regroup
+from diffusion_captioner.sampling import (
+    check_sampling,
+    draw,
+    draw_log_prob,
+    regroup,
+    through_first_stop,
+)
 from diffusion_captioner.tokenization import decode_until_stop
-from registry import Capabilities, CaptionDecoder, GenerationOptions
+from registry import Capabilities, CaptionDecoder, GenerationOptions, ScoredSamples
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +237,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
 
     Options = DiffusionOptions
     capabilities = Capabilities(kind="iterative", trajectory=True, step_option="steps",
-                                step_sweep=(1, 2, 5, 10, 20), sampling=True)
+                                step_sweep=(1, 2, 5, 10, 20), sampling=True, log_probs=True)
     needs_text_features = True
     #: Generation options older checkpoints kept in their model config.
     LEGACY_GENERATION_KEYS = ("steps", "sampler", "clamp", "guidance")
@@ -763,13 +769,59 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         captions = self._sample(rows, options, trajectory=False, generator=generator, pick=pick)
         return regroup(captions, num_samples)
 
+    def scored_sample_batch(self, features: torch.Tensor, options: DiffusionOptions,
+                            num_samples: int, generator: torch.Generator) -> ScoredSamples:
+        """:meth:`sample_batch`'s draws with their log-probability at the rounding step: with
+        x0_hat the last denoiser call's output and L the drawn length,
+        ``log p(c) = log p_tau(L | z) + sum_{i <= L} log softmax(head(x0_hat_i) / tau)(w_i)``
+        (the end token at i = L is committed with the length, so it adds nothing). The K steps
+        run without gradients; the last denoiser call is made again from its recorded input,
+        with them: the gradient reaches the denoiser through its final call only."""
+        tau = options.sample_temperature
+        rows = features.repeat_interleave(num_samples, dim=0)  # (B n, D)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
+            return draw(logits, generator, tau)
+
+        last: dict[str, Any] = {}
+        with torch.no_grad():
+            captions = self._sample(rows, options, trajectory=False, generator=generator,
+                                    pick=pick, last_call=last)
+        image = self._features(rows)  # (B n, D)
+        text = self._prior(image) if self.text_prior is not None else None
+        projected = None
+        if options.image_guidance != 0:
+            null = self.null_image.to(image.dtype).expand_as(image)  # (B n, D)
+            projected = self.denoiser.project(torch.cat([image, null]),
+                                              None if text is None else torch.cat([text, text]))
+        x0_hat = self._guided_x0(last["x_t"], last["t"], image, text, options.guidance,
+                                 last["self_cond"], projected,
+                                 options.image_guidance)  # (B n, L, E)
+        ids = last["ids"]  # (B n, L)
+        logp = draw_log_prob(self.lm_logits(x0_hat), ids, tau)  # (B n, L)
+        if last["lengths"] is not None:
+            positions = torch.arange(self.max_length, device=self.device)  # (L,)
+            made = positions[None] < last["lengths"][:, None]  # (B n, L)
+            total = logp.where(made, 0.0).sum(-1) + draw_log_prob(self.length_head(image),
+                                                          last["lengths"], tau)  # (B n,)
+            decisions = made.sum(-1) + 1  # (B n,)
+        else:
+            made = through_first_stop(ids, (self.end_token_id, self.pad_token_id))  # (B n, L)
+            total, decisions = logp.where(made, 0.0).sum(-1), made.sum(-1)  # (B n,), (B n,)
+        shape = (features.shape[0], num_samples)
+        return ScoredSamples(regroup(captions, num_samples), total.view(shape),
+                             decisions.view(shape))
+
     def _sample(self, features: torch.Tensor, options: DiffusionOptions, trajectory: bool,
                 generator: torch.Generator | None = None,
-                pick: Callable[[torch.Tensor], torch.Tensor] | None = None
+                pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                last_call: dict[str, Any] | None = None,
                 ) -> list[str] | list[list[str]]:
         """The K steps. ``generator``: the noise's (else one seeded with ``options.seed``);
         ``pick``: (..., V) logits -> (...,) ids in place of every argmax over the LM head and
-        the length head (sampling)."""
+        the length head (sampling); ``last_call``: a dict that receives the last denoiser
+        call's inputs (``x_t``, ``t``, ``self_cond``), the drawn ``lengths`` (or None) and the
+        rounded ``ids``."""
         cfg = self.hparams
         k, w, mode, snap = options.steps, options.guidance, options.sampler, options.clamp
         tau = float(cfg["temperature"] if options.temperature is None else options.temperature)
@@ -849,6 +901,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         ids = choose(self.lm_logits(x0_hat))  # (B, L), the rounding
         if suffix is not None:
             ids = torch.where(suffix, suffix_ids, ids)  # (B, L)
+        if last_call is not None:
+            last_call.update(x_t=x_t, t=t, self_cond=previous, lengths=lengths, ids=ids)
         if return_trajectory:
             return [list(captions) for captions in zip(*per_step, strict=True)]
         return self.decode(ids)
