@@ -39,6 +39,15 @@ def _all_zero(test: dict[str, Any]) -> bool:
     return max(abs(test["difference"]), abs(test["low"]), abs(test["high"])) < 5e-4
 
 
+def _cider_ratio(decoders: dict[str, Any], name: str, baseline: str) -> str:
+    """`` (0.88x)``: the row's test CIDEr over the baseline's, or nothing without both."""
+    values = [((decoders.get(n) or {}).get("test", {}).get("default", {}).get("scores") or {})
+              .get("CIDEr") for n in (name, baseline)]
+    if None in values or not values[1]:
+        return ""
+    return f" ({values[0] / values[1]:.2f}x)"
+
+
 def _headline(metrics: dict[str, Any]) -> list[str]:
     """One line per decoder vs the first: CIDEr gap with its bootstrap interval, and speed."""
     names = list(metrics["decoders"])
@@ -56,7 +65,8 @@ def _headline(metrics: dict[str, Any]) -> list[str]:
         else:
             verdict = "significant" if cider["significant"] else "not significant"
             sign = "better" if cider["difference"] > 0 else "worse"
-            text = (f"**{name}** vs **{baseline}**: CIDEr {cider['difference']:+.3f} "
+            ratio = _cider_ratio(metrics["decoders"], name, baseline)
+            text = (f"**{name}** vs **{baseline}**: CIDEr {cider['difference']:+.3f}{ratio} "
                     f"(95% paired-bootstrap CI [{cider['low']:+.3f}, {cider['high']:+.3f}], "
                     f"{cider['images']} images): {sign}, {verdict}")
         bleu = tests.get("Bleu_4")
