@@ -307,3 +307,54 @@ def test_compare_writes_a_cross_entropy_row_and_its_scst_row(clean_registry, tin
     assert "scst" not in plan["train"]  # the plain row is cross-entropy only
     again = compare(["clipcap", "nearest"], tmp_path / "run", **common)  # resumes: nothing new
     assert again["decoders"]["clipcap-scst"]["train_seconds"] == row["train_seconds"]
+
+
+# ------------------------------------------------------------------------- a plugin
+def test_a_plugin_that_scores_its_samples_learns_the_rewarded_caption(clean_registry, tmp_path):
+    from dataclasses import dataclass
+
+    from diffusion_captioner.sampling import draw, regroup
+    from registry import Capabilities, CaptionDecoder, GenerationOptions, ScoredSamples
+
+    choices = ("a red circle", "a blue square", "a green triangle")
+
+    @dataclass(frozen=True)
+    class PickOptions(GenerationOptions):
+        sample_temperature: float = 1.0
+
+    class PickOne(CaptionDecoder):  # one categorical decision per caption, nothing else
+        Options = PickOptions
+        capabilities = Capabilities(sampling=True, log_probs=True)
+
+        def __init__(self, feature_dim: int) -> None:
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.zeros(len(choices)))
+
+        def loss(self, batch):
+            return {"loss": self.logits.sum() * 0}
+
+        def generate_batch(self, features, options):
+            return [choices[int(self.logits.argmax())]] * len(features)
+
+        def scored_sample_batch(self, features, options, num_samples, generator):
+            rows = self.logits.expand(len(features) * num_samples, -1)  # (B n, 3)
+            ids = draw(rows.detach(), generator, options.sample_temperature)  # (B n,)
+            logp = F.log_softmax(rows, -1).gather(1, ids[:, None])[:, 0]  # (B n,)
+            shape = (len(features), num_samples)
+            return ScoredSamples(regroup([choices[i] for i in ids.tolist()], num_samples),
+                                 logp.view(shape), torch.ones(shape))
+
+    clean_registry.CaptionDecoder.register("pick-one")(PickOne)
+    references = {i: ["a green triangle"] for i in range(4)}
+    reward = CiderDReward({**references, 9: ["a red circle"], 10: ["a blue square"]})
+    for baseline in ("greedy", "mean"):
+        decoder = PickOne(feature_dim=FEATURE_DIM)
+        assert decoder.generate(_features(1)) == ["a red circle"]
+        plan = ScstPlan.from_dict({"samples": 4, "baseline": baseline, "batch_size": 4,
+                                   "lr": 0.3, "max_steps": 25, "eval_every": 25,
+                                   "eval_batches": 1})
+        images = ImageReferences(_features(4), list(references))
+        trainer = Trainer(decoder, images, images, plan.train, tmp_path / baseline,
+                          progress=False, objective=SelfCritical(reward, reward, {}, plan))
+        trainer.fit()
+        assert decoder.generate(_features(1)) == ["a green triangle"], baseline
