@@ -427,17 +427,26 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
                      generator: torch.Generator) -> list[list[str]]:
         """Per image ``num_samples`` captions: the B n rows (each image repeated n times) draw
         a length and then, at each of the K passes, the re-masked tokens (module docstring)."""
+        _, _, history, _ = self._draw(features, options, num_samples, generator)
+        return regroup(self.decode(history[-1]), num_samples)
+
+    def _draw(self, features: torch.Tensor, options: MNICOptions, num_samples: int,
+              generator: torch.Generator,
+              passes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The draws of :meth:`sample_batch`: the B n feature rows (B n, D), their drawn lengths
+        (B n,), the tokens after every pass and the caption positions (:meth:`mask_predict`;
+        ``passes`` receives every pass's input)."""
         if options.steps < 1:
             raise ValueError(f"mnic: steps must be >= 1, got {options.steps}")
-        tau = options.sample_temperature
         rows = features.to(self.device).repeat_interleave(num_samples, dim=0)  # (B n, D)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
-            return draw(logits, generator, tau)
+            return draw(logits, generator, options.sample_temperature)
 
         lengths = self.length_mode.sample_lengths(self, rows, pick)  # (B n,)
-        history, _, _ = self.mask_predict(rows, lengths, options.steps, pick)
-        return regroup(self.decode(history[-1]), num_samples)
+        history, _, valid = self.mask_predict(rows, lengths, options.steps, pick, passes)
+        return rows, lengths, history, valid
 
     def scored_sample_batch(self, features: torch.Tensor, options: MNICOptions,
                             num_samples: int, generator: torch.Generator) -> ScoredSamples:
@@ -447,18 +456,11 @@ class MNICDecoder(SavesLanguageModel, CaptionDecoder):
         with K = 1 the one pass). The K passes' inputs are known after the draw (made without
         gradients), so the log-probabilities come from one batched pass over all K of them, with
         gradients."""
-        if options.steps < 1:
-            raise ValueError(f"mnic: steps must be >= 1, got {options.steps}")
         tau = options.sample_temperature
-        rows = features.to(self.device).repeat_interleave(num_samples, dim=0)  # (B n, D)
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...,)
-            return draw(logits, generator, tau)
-
         passes: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            lengths = self.length_mode.sample_lengths(self, rows, pick)  # (B n,)
-            history, _, valid = self.mask_predict(rows, lengths, options.steps, pick, passes)
+            rows, lengths, history, valid = self._draw(features, options, num_samples,
+                                                       generator, passes)
         final = history[-1]  # (B n, T)
         count, width = len(passes), final.shape[1]
         stacked = torch.cat([tokens for tokens, _ in passes])  # (K B n, T)
