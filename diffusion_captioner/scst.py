@@ -200,7 +200,10 @@ class SelfCritical:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any],
                  draw: int) -> dict[str, torch.Tensor]:
-        decoder: CaptionDecoder = getattr(model, "module", model)
+        if hasattr(model, "module"):  # a DDP wrapper: its gradients would not be synced
+            raise RuntimeError("SCST runs in one process: it calls the decoder's own methods, "
+                               "which DDP does not see; run it without `accelerate launch`")
+        decoder: CaptionDecoder = model
         n, keys = self.plan.samples, batch["keys"]
         generator = torch.Generator().manual_seed(self.plan.train.seed * 1_000_003 + draw)
         with decoder.evaluating():
