@@ -505,7 +505,11 @@ def compare(
                                  "gives no log-probabilities "
                                  "of its samples (capabilities.log_probs is False), so SCST "
                                  "cannot train it; drop train.scst for it")
-            classes[name].check_generate_options({**p.generate, **scst.sample}, p.decoder)
+            try:
+                classes[name].check_generate_options({**p.generate, **scst.sample}, p.decoder)
+            except ValueError as error:
+                raise ValueError(f"{name.removesuffix(SCST_SUFFIX)}: train.scst.sample: "
+                                 f"{error}") from None
     speed = speed_options(plan.get("speed"), bench_repeats)
     diversity = diversity_settings(plan.get("diversity"))
     protocol = dict(plan.get("paper_bleu") or {})
