@@ -63,6 +63,7 @@ from eval.plots import (
     plot_latency_vs_batch,
     plot_quality_vs_diversity,
     plot_quality_vs_steps,
+    plot_scst_curves,
     plot_training_curves,
 )
 from eval.rerank import rerank_by_clipscore
@@ -601,6 +602,7 @@ def compare(
     written = [plot_quality_vs_steps(summaries, out / "quality_vs_steps.png"),
                plot_latency_vs_batch(metrics["speed"], out / "latency_vs_batch.png"),
                plot_training_curves(logs, out / "training_curves.png"),
+               plot_scst_curves(logs, out / "scst_curves.png"),
                plot_quality_vs_diversity(summaries, out / "quality_vs_diversity.png")]
     metrics["plots"] = [p.name for p in written if p is not None]
     run.metrics.write_text(json.dumps(metrics, indent=2, default=str))

@@ -230,7 +230,7 @@ def render_markdown(config: dict[str, Any], metrics: dict[str, Any]) -> str:
 
     plots = [(title, name) for title, name in (
         ("quality vs steps", "quality_vs_steps.png"), ("latency vs batch size", "latency_vs_batch.png"),
-        ("training curves", "training_curves.png"),
+        ("training curves", "training_curves.png"), ("self-critical training", "scst_curves.png"),
         ("quality vs diversity", "quality_vs_diversity.png")) if name in metrics.get("plots", [])]
     if plots:
         lines += ["## Plots", ""] + [f"![{title}]({name})" for title, name in plots] + [""]

@@ -82,11 +82,17 @@ def plot_latency_vs_batch(speed: dict[str, Any], out: str | Path) -> Path | None
 
 
 def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path) -> Path | None:
-    """Training loss (solid) and validation loss (dashed) vs step for every decoder's jsonl log."""
+    """Training loss (solid) and validation loss (dashed) vs step for every decoder's jsonl log
+    (an SCST phase's is :func:`plot_scst_curves`')."""
     if not any(logs.values()):
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
     positive = False  # a log axis needs a positive loss (nearest's is always 0)
+    logs = {name: rows for name, rows in logs.items()
+            if not is_self_critical(rows)}  # SCST's loss is an advantage: plot_scst_curves
+    if not any(logs.values()):
+        plt.close(figure)
+        return None
     for index, (name, rows) in enumerate(logs.items()):
         color = f"C{index}"
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -104,6 +110,37 @@ def plot_training_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (each decoder's own)")
     axis.set_title("Training curves")
+    return _save(figure, axis, out)
+
+
+def is_self_critical(rows: list[dict[str, Any]]) -> bool:
+    """Whether a training log is an SCST phase's (its steps log a ``reward``)."""
+    return any("reward" in row for row in rows)
+
+
+def plot_scst_curves(logs: dict[str, list[dict[str, Any]]], out: str | Path) -> Path | None:
+    """Every SCST phase's CIDEr-D vs step: the greedy captions of the training batches
+    (solid, or the samples' mean with the mean baseline), and of the validation images (dashed,
+    minus its ``val_loss``, from step 0: the first phase's weights)."""
+    phases = {name: rows for name, rows in logs.items() if is_self_critical(rows)}
+    if not phases:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for index, (name, rows) in enumerate(phases.items()):
+        color = f"C{index}"
+        key = "greedy_reward" if any("greedy_reward" in r for r in rows) else "reward"
+        train = [(r["step"], r[key]) for r in rows if key in r]
+        val = [(r["step"], -r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            what = "greedy" if key == "greedy_reward" else "samples"
+            axis.plot(*zip(*train, strict=True), color=color, alpha=0.6,
+                      label=f"{name} train ({what})", marker="." if len(train) < 20 else None)
+        if val:
+            axis.plot(*zip(*val, strict=True), color=color, linestyle="--", marker=".",
+                      label=f"{name} val (greedy)")
+    axis.set_xlabel("SCST step")
+    axis.set_ylabel("CIDEr-D (training idf)")
+    axis.set_title("Self-critical training")
     return _save(figure, axis, out)
 
 

@@ -187,6 +187,20 @@ def test_a_train_scst_block_makes_a_plain_row_and_an_scst_row_after_all_plain_on
         split_scst({**plans, "clipcap-scst": DecoderPlan({"type": "clipcap"}, {})})
 
 
+def test_scst_logs_get_their_own_plot_and_stay_off_the_loss_plot(tmp_path):
+    from eval.plots import plot_scst_curves, plot_training_curves
+
+    first = [{"step": s, "loss": 2.0 / s} for s in range(1, 5)] + [{"step": 4, "val_loss": 0.6}]
+    scst = [{"step": 0, "val_loss": -3.1}] + [
+        {"step": s, "loss": -0.1, "reward": 3.0, "baseline": 3.2, "beat": 0.1,
+         "greedy_reward": 3.2} for s in range(1, 5)] + [{"step": 4, "val_loss": -3.3}]
+    assert plot_scst_curves({"clipcap": first}, tmp_path / "none.png") is None
+    assert plot_scst_curves({"clipcap": first, "clipcap-scst": scst}, tmp_path / "s.png")
+    assert plot_training_curves({"clipcap-scst": scst}, tmp_path / "t.png") is None
+    assert plot_training_curves({"clipcap": first, "clipcap-scst": scst}, tmp_path / "t.png")
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "t.png").is_file()
+
+
 def test_significance_compares_like_with_like():
     names = ["clipcap", "diffusion", "clipcap-scst", "diffusion-scst"]
     assert like_with_like(names) == [
@@ -303,6 +317,7 @@ def test_compare_writes_a_cross_entropy_row_and_its_scst_row(clean_registry, tin
     report = (tmp_path / "run" / "report.md").read_text()
     assert "**clipcap-scst** vs **clipcap**: CIDEr" in report
     assert "| clipcap-scst | " in report and "(clipcap " in report and " + SCST " in report
+    assert "scst_curves.png" in metrics["plots"] and "![self-critical training]" in report
     plan = json.loads((tmp_path / "run" / "clipcap" / "plan.json").read_text())
     assert "scst" not in plan["train"]  # the plain row is cross-entropy only
     again = compare(["clipcap", "nearest"], tmp_path / "run", **common)  # resumes: nothing new
