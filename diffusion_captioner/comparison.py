@@ -146,12 +146,13 @@ def speed_options(block: dict[str, Any] | bool | None, repeats: int) -> dict[str
 def diversity_settings(block: dict[str, Any] | bool | None) -> dict[str, Any] | None:
     """A preset's ``diversity`` block: ``samples`` per test image (n >= 2, default 5), ``seed``
     (default 0), ``sweep`` (default true: also at every step count the decoder sweeps, for the
-    quality-vs-diversity plot; false: its default options only); ``false`` switches the phase
-    off (None). An unknown key or a bad value fails naming it."""
+    quality-vs-diversity plot; false: its default options only), ``max_steps`` (sweep only the
+    step counts up to it; default null: all); ``false`` switches the phase off (None). An
+    unknown key or a bad value fails naming it."""
     if block is False:
         return None
     block = dict(block or {})
-    known = {"samples", "seed", "sweep"}
+    known = {"samples", "seed", "sweep", "max_steps"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise ValueError(f"preset diversity block: unknown key(s) {', '.join(unknown)}; known: "
@@ -164,7 +165,12 @@ def diversity_settings(block: dict[str, Any] | bool | None) -> dict[str, Any] | 
         raise ValueError(f"preset diversity block: seed must be an int, got {seed!r}")
     if not isinstance(sweep, bool):
         raise ValueError(f"preset diversity block: sweep must be true or false, got {sweep!r}")
-    return {"samples": samples, "seed": seed, "sweep": sweep}
+    most = block.get("max_steps")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise ValueError(f"preset diversity block: max_steps must be an int >= 1 or null, "
+                         f"got {most!r}")
+    settings = {"samples": samples, "seed": seed, "sweep": sweep}
+    return {**settings, "max_steps": most} if most is not None else settings
 
 
 def rerank_phase(encoder: Any, test: SplitFeatures, results: dict[str, dict[int, str]],
@@ -219,6 +225,9 @@ def diversity_phase(best: dict[str, CaptionDecoder], generate_options: dict[str,
             continue
         options_list = (analysis.sweep_options(decoder, generate_options[name])
                         if settings["sweep"] else [dict(generate_options[name])])
+        option, most = decoder.capabilities.step_option, settings.get("max_steps")
+        if most is not None and option is not None:  # the default options are always sampled
+            options_list = options_list[:1] + [o for o in options_list[1:] if o[option] <= most]
         record = {**settings, "options": options_list}
         previous = summary.get("diversity") or {}
         if {k: previous.get(k) for k in record} == record:

@@ -276,6 +276,21 @@ def test_the_preset_block_is_checked():
         diversity_settings({"sampels": 5})
     with pytest.raises(ValueError, match="samples must be an int >= 2"):
         diversity_settings({"samples": 1})
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1 or null"):
+        diversity_settings({"max_steps": 0})
+    assert diversity_settings({"max_steps": 3})["max_steps"] == 3
+
+
+def test_max_steps_cuts_the_sweep_but_never_the_default_options(tmp_path):
+    records = [CaptionRecord(k, "", ("a red circle", "a blue square"), "test") for k in (1, 2)]
+    test = SplitFeatures(records, torch.zeros(2, FEATURE_DIM))
+    summaries = {"picker": {}}
+    for most, expected in ((1, ["default", "1"]), (2, ["default", "1", "2"])):
+        diversity_phase({"picker": Picker().eval()}, {"picker": {"steps": 4}}, test,
+                        diversity_settings({"samples": 2, "max_steps": most}), RunFolder(tmp_path),
+                        summaries)
+        assert list(summaries["picker"]["diversity"]["runs"]) == expected  # 4: the default
+    assert summaries["picker"]["diversity"]["max_steps"] == 2  # recorded: a change resamples
 
 
 def test_a_decoder_without_sampling_says_so():
