@@ -527,10 +527,9 @@ class ClipCapDecoder(SavesLanguageModel, CaptionDecoder):
             return draw(logits, generator, options.sample_temperature, options.top_k,
                         options.top_p)
 
-        with torch.no_grad():
-            rows = self.prefix_embeddings(features).repeat_interleave(num_samples, dim=0)
-            ids = self._greedy(rows, max_new, stop=True, pick=pick)  # (B n, t)
         prefix = self.prefix_embeddings(features).repeat_interleave(num_samples, dim=0)  # (B n, k, E)
+        with torch.no_grad():  # the draws: the same prefix, cut off the graph
+            ids = self._greedy(prefix.detach(), max_new, stop=True, pick=pick)  # (B n, t)
         tokens = self.lm.get_input_embeddings()(ids[:, :-1]).to(prefix.dtype)  # (B n, t-1, E)
         hidden = self.lm.base_model(inputs_embeds=torch.cat([prefix, tokens], dim=1)
                                     ).last_hidden_state  # (B n, k+t-1, E)

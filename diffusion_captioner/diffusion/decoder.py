@@ -747,6 +747,16 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         uncond = self.denoise(x_t, t, image, text, dropped, self_cond, projected)  # (B, L, E)
         return (1 + guidance) * cond - guidance * uncond
 
+    def _projections(self, image: torch.Tensor, text: torch.Tensor | None,
+                     image_guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoiser's projections of the condition, made once per ``generate``; with image
+        guidance those of the guided pair's 2B rows (the images, then the null image's)."""
+        if image_guidance == 0:
+            return self.denoiser.project(image, text)
+        null = self.null_image.to(image.dtype).expand_as(image)  # (B, D)
+        return self.denoiser.project(torch.cat([image, null]),
+                                     None if text is None else torch.cat([text, text]))
+
     def generate_batch(self, features: torch.Tensor, options: DiffusionOptions) -> list[str]:
         """(B, D) features -> B captions by K-step diffusion sampling (:class:`DiffusionOptions`)."""
         return self._sample(features, options, trajectory=False)
@@ -789,13 +799,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                                     pick=pick, last_call=last)
         image = self._features(rows)  # (B n, D)
         text = self._prior(image) if self.text_prior is not None else None
-        projected = None
-        if options.image_guidance != 0:
-            null = self.null_image.to(image.dtype).expand_as(image)  # (B n, D)
-            projected = self.denoiser.project(torch.cat([image, null]),
-                                              None if text is None else torch.cat([text, text]))
         x0_hat = self._guided_x0(last["x_t"], last["t"], image, text, options.guidance,
-                                 last["self_cond"], projected,
+                                 last["self_cond"],
+                                 self._projections(image, text, options.image_guidance),
                                  options.image_guidance)  # (B n, L, E)
         ids = last["ids"]  # (B n, L)
         logp = draw_log_prob(self.lm_logits(x0_hat), ids, tau)  # (B n, L)
@@ -854,12 +860,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         batch = features.shape[0]
         image = self._features(features)  # (B, D)
         text = self._prior(image) if self.text_prior is not None else None
-        if w_image != 0:  # the guided pair's 2B rows: the images, then the null image's
-            null = self.null_image.to(image.dtype).expand_as(image)  # (B, D)
-            projected = self.denoiser.project(torch.cat([image, null]),
-                                              None if text is None else torch.cat([text, text]))
-        else:
-            projected = self.denoiser.project(image, text)  # the same for every step
+        projected = self._projections(image, text, w_image)  # the same for every step
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         choose = pick if pick is not None else (lambda logits: logits.argmax(-1))
