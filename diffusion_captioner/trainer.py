@@ -54,6 +54,8 @@ class TrainConfig:
     validation loss) or ``first_overfit`` (the original's rule: the weights at the first
     validation whose loss exceeds ``overfit_ratio`` x the mean training loss since the previous
     one; the last weights when that never happens). ``eval_every``: steps, or ``"epoch"``.
+    ``consensus_targets``: the share of training pairs whose caption becomes its image's
+    consensus reference (:mod:`diffusion_captioner.consensus`; ``dcap compare`` applies it).
     """
 
     batch_size: int = 64
@@ -76,6 +78,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "no"
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    consensus_targets: float = 0.0
     cpu: bool = False  # force CPU even when an accelerator is present
 
     @classmethod
@@ -91,6 +94,9 @@ class TrainConfig:
             if getattr(config, name) not in literal.__args__:
                 raise ValueError(f"training option {name}={getattr(config, name)!r}; choose one "
                                  f"of: {', '.join(literal.__args__)}")
+        if not 0.0 <= config.consensus_targets <= 1.0:
+            raise ValueError("training option consensus_targets must be in [0, 1], got "
+                             f"{config.consensus_targets}")
         if config.lr_schedule == "linear_per_epoch" and (config.epochs is None
                                                          or config.final_lr is None):
             raise ValueError("training option lr_schedule='linear_per_epoch' needs epochs and "

@@ -118,7 +118,7 @@ def test_samplers_whose_inputs_training_never_shows_are_refused(tmp_path, caplog
     for bad, why in (({"sampler": "feed", "time_embedding": True}, "time_embedding=False"),
                      ({"sampler": "ddim", "temperature": 0.0}, "temperature 1"),
                      ({"sampler": "refine", "mixed_noise": 0.0, "refine_noise": 0.0},
-                      "mixed_noise or refine_noise")):
+                      "mixed_noise, refine_noise or policy_noise")):
         sampler, config = bad["sampler"], {k: v for k, v in bad.items() if k != "sampler"}
         with pytest.raises(ValueError, match=why):  # at plan time, before any training
             DiffusionDecoder.check_generate_options({"sampler": sampler},
@@ -402,3 +402,47 @@ def test_an_absent_text_token_gives_what_a_masked_one_gave(tmp_path):
                               projected=(image_h, torch.zeros(3, 1, decoder.denoiser.dim)))
     absent = decoder.denoiser(x_t, t, image, None, None, projected=(image_h, None))
     torch.testing.assert_close(absent, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("commit", ["predicted", "gold"])
+def test_policy_noise_trains_on_the_refine_samplers_own_second_input(tmp_path, commit):
+    """``policy_noise``: a no-grad first call sees what generation's first call sees; the
+    training call then gets the least confident span positions restarted (zeros at t = T) and
+    the rest committed at t = 0 to the first call's words (or the gold ones), as ``refine``
+    would make them after step k of K; the targets stay the gold caption."""
+    total = 4
+    decoder = build(tmp_path, embed_scale=0.3, input_scaling=True, refine_noise=0.0,
+                    mixed_noise=0.0, policy_noise=1.0, policy_commit=commit,
+                    policy_steps=total, length_head=True, temperature=0.0, sampler="refine",
+                    x1_loss=False, self_conditioning=False,
+                    diffusion_steps=50)
+    calls = spy_on_denoiser(decoder)
+    decoder.train()
+    torch.manual_seed(0)
+    data = batch(8)
+    gold = decoder.encode_captions(data["captions"])  # (B, L)
+    span = decoder.end_positions(gold) + 1  # (B,)
+    inside = torch.arange(gold.shape[1])[None] < span[:, None]  # (B, L)
+    outputs = []
+    original = decoder.denoise
+    decoder.denoise = lambda *a, **k: outputs.append(original(*a, **k)) or outputs[-1]
+    decoder.loss(data)
+    assert len(calls) == 2  # the policy's first call, then the trained one
+    (x_first, t_first), (x_train, t_train) = calls
+    assert (t_first == torch.where(inside, 50, 0)).all()
+    assert (x_first[inside] == 0).all()  # the T state at tau = 0, as generation starts
+    torch.testing.assert_close(x_first[~inside], decoder.embed(gold)[~inside])
+    confidence, predicted = decoder.lm_logits(outputs[0]).softmax(-1).max(-1)  # (B, L)
+    restarted = t_train == 50  # (B, L)
+    assert (t_train[~restarted] == 0).all() and not restarted[~inside].any()
+    assert (x_train[restarted] == 0).all()
+    words = predicted if commit == "predicted" else gold
+    committed = inside & ~restarted
+    torch.testing.assert_close(x_train[committed], decoder.embed(words)[committed])
+    for row in range(gold.shape[0]):
+        n, redone = int(span[row]), int(restarted[row].sum())
+        assert redone in {n * (total - k) // total for k in range(1, total)}
+        if 0 < redone < n:  # the least confident were restarted
+            sure = confidence[row, :n]
+            assert sure[restarted[row, :n]].max() <= sure[committed[row, :n]].min()
+    assert commit == "gold" or (predicted[inside] != gold[inside]).any()  # untrained: errors

@@ -101,6 +101,7 @@ from registry import Capabilities, CaptionDecoder, GenerationOptions, ScoredSamp
 logger = logging.getLogger(__name__)
 
 RestoreLoss = Literal["mse", "l1"]
+PolicyCommit = Literal["predicted", "gold"]
 
 
 def _mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +213,16 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             sampler feeds the denoiser: with a per-caption r ~ U(0, 1), each position of the span
             (words and end token) restarts (the T state, t = T) with probability r, every other
             position is committed (clean, t = 0).
+        policy_noise: the fraction of training captions corrupted as the ``refine`` sampler
+            itself would after its first step (SMART, Ghazvininejad et al. 2020): a no-grad
+            first call on the caption's span at t = T, then with k ~ U{1..K-1} the
+            floor(n (K - k) / K) least confident span positions restart at t = T and the others
+            are committed at t = 0 (:meth:`_policy_inputs`). Restarting where the model is
+            unsure, not at random positions, is what the sampler does; committing its own
+            (possibly wrong) words teaches it to repair them. Costs one no-grad call over those
+            rows.
+        policy_commit: ``predicted`` (the first call's words) or ``gold`` (the caption's).
+        policy_steps: K of ``policy_noise``, the sampler's step count it imitates.
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
             q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
@@ -284,6 +295,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         shared_noise: bool = False,
         mask_padding: bool = False,
         refine_noise: float = 0.0,
+        policy_noise: float = 0.0,
+        policy_commit: PolicyCommit = "predicted",
+        policy_steps: int = 5,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -305,6 +319,13 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: refine_noise must be in [0, 1], got {refine_noise}")
         if temperature < 0:
             raise ValueError(f"diffusion: temperature must be >= 0, got {temperature}")
+        if not 0.0 <= policy_noise <= 1.0:
+            raise ValueError(f"diffusion: policy_noise must be in [0, 1], got {policy_noise}")
+        if policy_commit not in ("predicted", "gold"):
+            raise ValueError(f"diffusion: unknown policy_commit {policy_commit!r}; choose "
+                             "predicted or gold")
+        if int(policy_steps) < 2:
+            raise ValueError(f"diffusion: policy_steps must be >= 2, got {policy_steps}")
         self.max_length = int(max_length)
         self.schedule = NoiseSchedule(schedule, diffusion_steps)
         self.restore_fn = RESTORE_LOSSES[restore_loss]
@@ -380,10 +401,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             return (f"diffusion: DDIM from a start at temperature {tau:g} carries almost no noise "
                     "into its later steps, while training shows unit-variance noise at every "
                     "t < T; use temperature 1, or the renoise / refine sampler")
-        if sampler == "refine" and config["mixed_noise"] == 0 and config["refine_noise"] == 0:
+        if sampler == "refine" and not (config["mixed_noise"] or config["refine_noise"]
+                                        or config.get("policy_noise", 0)):
             return ("diffusion: the refine sampler feeds committed words (t = 0) beside restarted "
                     "positions (t = T), which training never shows without per-position noise; "
-                    "set mixed_noise or refine_noise > 0, or use another sampler")
+                    "set mixed_noise, refine_noise or policy_noise > 0, or use another sampler")
         return None
 
     @classmethod
@@ -535,6 +557,10 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             keep = keep & image_keep
         t = self._draw_timesteps(ids, uniform, generator)  # (N B,) or (N B, L)
         length, width = ids.shape[1], self.word_embeddings.shape[1]
+        input_ids = None
+        if self.hparams["policy_noise"] > 0 and t.shape[0] == batch_size:
+            t, input_ids = self._policy_inputs(t, ids, denoiser_image, text, keep, uniform,
+                                               gaussian)  # (B, L), (B, L)
         if self.hparams["shared_noise"]:  # one draw per caption, at each of its N timesteps
             noise = gaussian(batch_size, length, width).repeat(t.shape[0] // batch_size, 1, 1)
         else:
@@ -543,7 +569,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         # the x_1 term's noise is drawn after the x_t forward (dropout draws from the same RNG)
         noise_1 = (lambda: gaussian(batch_size, length, width)) if self.hparams["x1_loss"] else None
         parts = self.denoising_loss(ids, denoiser_image, text, keep, t, noise, noise_1,
-                                    self_condition)
+                                    self_condition, input_ids)
         total = parts["loss"]
         if self.length_head is not None:
             words = self.end_positions(ids)  # (B,)
@@ -603,6 +629,50 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         t = t if t.dim() == 2 else t[:, None].expand(rows, length)  # (R, L)
         return torch.where(chosen[:, None], refine, t)
 
+    def _policy_inputs(self, t: torch.Tensor, ids: torch.Tensor, image: torch.Tensor,
+                       text: torch.Tensor | None, keep: torch.Tensor, uniform, gaussian
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) or (B, L) timesteps and gold ids (B, L) -> per-position timesteps (B, L) and
+        input ids (B, L): in a ``policy_noise`` share of the rows, the input the ``refine``
+        sampler itself makes after its first step (SMART, Ghazvininejad et al. 2020, in
+        continuous form). A no-grad first call sees the span (words + end token) at t = T (the
+        T state) and, with a length head, the end token and padding clean, as generation's first
+        call does; then with k ~ U{1..K-1} (K = ``policy_steps``) the floor(n (K - k) / K) least
+        confident of the n span positions restart at t = T and the others are committed at
+        t = 0 to the word the call predicted (``policy_commit: predicted``, so the denoiser
+        learns to repair its own wrong commits: every target stays the gold caption) or to the
+        gold word (``gold``: only the sampler's choice of positions)."""
+        rows, length = ids.shape
+        steps = self.schedule.steps
+        t = t if t.dim() == 2 else t[:, None].expand(rows, length)  # (B, L)
+        chosen = (uniform(rows) < self.hparams["policy_noise"]).nonzero()[:, 0]  # (C,)
+        if chosen.numel() == 0:
+            return t, ids
+        gold = ids[chosen]  # (C, L)
+        positions = torch.arange(length, device=self.device)  # (L,)
+        span = self.end_positions(gold) + 1  # (C,), words + end token
+        inside = positions[None] < span[:, None]  # (C, L)
+        first_t = torch.where(inside | (self.length_head is None), steps, 0)  # (C, L)
+        noise = gaussian(chosen.numel(), length, self.word_embeddings.shape[1])  # (C, L, E)
+        x_first = self.t_state(self.embed(gold), first_t, noise)  # (C, L, E): T state / clean
+        with torch.no_grad():
+            x0_hat = self.denoise(x_first, first_t, image[chosen],
+                                  None if text is None else text[chosen],
+                                  keep[chosen])  # (C, L, E)
+            confidence, words = self.lm_logits(x0_hat).float().softmax(-1).max(-1)  # (C, L)
+        total = int(self.hparams["policy_steps"])
+        k = 1 + (uniform(chosen.numel()) * (total - 1)).long().clamp(max=total - 2)  # (C,)
+        redo = span * (total - k) // total  # (C,)
+        order = confidence.masked_fill(~inside, 2.0).argsort(-1)  # (C, L), least sure first
+        restart = order.argsort(-1) < redo[:, None]  # (C, L)
+        committed = words if self.hparams["policy_commit"] == "predicted" else gold
+        row_ids = torch.where(inside, committed, gold)  # (C, L): suffix stays gold
+        t = t.clone()
+        t[chosen] = torch.where(restart, steps, 0).to(t.dtype)  # (C, L)
+        input_ids = ids.clone()  # (B, L)
+        input_ids[chosen] = row_ids
+        return t, input_ids
+
     def t_state(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Positions at t = T carry ``temperature * eps`` (the T state), as generation's start
         and the refine sampler's restarts do; q_sample's sqrt(abar_T) x_0 there is ~5e-5 x_0."""
@@ -613,12 +683,14 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def denoising_loss(self, ids: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
                        keep: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                        noise_1: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                       self_condition: bool = False) -> dict[str, torch.Tensor]:
+                       self_condition: bool = False,
+                       input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_simple' + lambda L_R (key ``loss``) and its parts for given draws: ``ids`` (B, L),
         ``image`` (B, D), ``text`` (B, D) or None, ``keep`` (B,), ``t`` (N B,) or (N B, L) and
         ``noise`` (N B, L, E) for N noise levels per caption (row n B + b is caption b at its
         n-th level), ``noise_1`` (B, L, E) for the x_1 term, or a function drawing it when it
-        is needed (None: no x_1 term).
+        is needed (None: no x_1 term). ``input_ids`` (B, L): the words the x_t inputs are
+        made of, when they differ from the gold ``ids`` (the targets; :meth:`_policy_inputs`).
 
         With N levels the x_t terms are means over the N B rows, i.e. the mean of the N
         single-level losses; the x_1 term is counted once per caption."""
@@ -636,9 +708,10 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             return x.repeat(levels, *([1] * (x.dim() - 1)))
 
         ids_n, x0_n, image_n = rows(ids), rows(x0), rows(image)  # (N B, L), (N B, L, E), (N B, D)
+        source_n = x0_n if input_ids is None else rows(self.embed(input_ids))  # (N B, L, E)
         text_n, keep_n, mask_n = rows(text), rows(keep), rows(caption_mask)  # (N B, D), (N B,), (N B, L)
 
-        x_t = self.t_state(self.schedule.q_sample(x0_n, t, noise), t, noise)  # (N B, L, E)
+        x_t = self.t_state(self.schedule.q_sample(source_n, t, noise), t, noise)  # (N B, L, E)
         self_cond = None  # absent: the denoiser feeds zeros (Chen et al. 2022)
         if self.denoiser.self_cond_proj is not None and self_condition:
             with torch.no_grad():
