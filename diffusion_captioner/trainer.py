@@ -117,13 +117,15 @@ class TrainConfig:
 
 class CaptionPairs:
     """(feature row, caption) pairs of a split; ``batch(indices)`` collates a decoder batch:
-    ``{"features": (B, D), "captions": [str] * B}`` plus ``"text_features": (B, D)`` (the CLIP
+    ``{"features": (B, D), "captions": [str] * B, "references": [tuple[str, ...]] * B}`` (each
+    pair's image's every caption, its own included) plus ``"text_features": (B, D)`` (the CLIP
     text feature of each caption) when ``text_features`` (one row per caption, in order) is given.
     """
 
     def __init__(self, features: torch.Tensor, captions: list[tuple[str, ...]],
                  text_features: torch.Tensor | None = None) -> None:
         self.features = features  # (N, D)
+        self.captions = [tuple(refs) for refs in captions]
         self.pairs = [(row, c) for row, refs in enumerate(captions) for c in refs]
         self.text_features = text_features  # (P, D) or None
         if text_features is not None and len(text_features) != len(self.pairs):
@@ -134,7 +136,8 @@ class CaptionPairs:
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         rows = torch.tensor([self.pairs[i][0] for i in indices])  # (B,)
-        batch = {"features": self.features[rows], "captions": [self.pairs[i][1] for i in indices]}
+        batch = {"features": self.features[rows], "captions": [self.pairs[i][1] for i in indices],
+                 "references": [self.captions[self.pairs[i][0]] for i in indices]}
         if self.text_features is not None:
             batch["text_features"] = self.text_features[torch.tensor(indices)]  # (B, D)
         return batch

@@ -47,6 +47,8 @@ def test_the_ratio_replaces_that_share_and_the_text_features_follow_their_captio
     pairs = CaptionPairs.from_split(every)
     assert len(pairs) == 9 and pairs.batch([0, 4])["captions"] == [
         "a large red circle", "a small blue square above a green cross"]
+    # every pair also carries its image's captions (for reference selection)
+    assert pairs.batch([8])["references"] == [("a tiny orange triangle",)]
     # other splits and the split given are untouched
     assert [r.captions for r in train.records] == list(REFS.values())
     big = SplitFeatures(

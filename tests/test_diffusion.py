@@ -552,3 +552,31 @@ def test_samples_at_rounding_temperature_zero_are_the_deterministic_caption(memo
                                    sample_temperature=3.0)
     assert any(len(set(per_image)) > 1 for per_image in hot)
     assert decoder.generate(features, steps=5) == captions
+
+
+def test_reference_selection_trains_towards_the_reference_the_prediction_is_nearest(tmp_path):
+    """``reference_selection``: the target is the image's reference nearest the prediction
+    (here made equal to the third one), not the caption the input was made of; rows outside
+    the share, and batches without references, keep their own caption."""
+    decoder = build_tiny(tmp_path, reference_selection=1.0, x1_loss=False,
+                         self_conditioning=False)
+    refs = tuple(CAPTIONS[:3])
+    candidates = decoder._candidates([refs, refs], lambda *shape: torch.zeros(shape))
+    ids, mask = candidates
+    assert ids.shape[:2] == (2, 3) and mask.all()
+    own = decoder.encode_captions([CAPTIONS[0], CAPTIONS[1]])  # (2, L)
+    x0_hat = decoder.embed(ids[:, 2]) + 0.01 * torch.randn(2, *own.shape[1:], decoder.denoiser.dim)
+    target, x0 = decoder._select_targets(x0_hat, own, decoder.embed(own), ids, mask)
+    assert (target == ids[:, 2]).all()
+    torch.testing.assert_close(x0, decoder.embed(ids[:, 2]))
+    outside = mask.clone()
+    outside[1] = False  # the second row is outside the share: its own caption stays
+    target, _ = decoder._select_targets(x0_hat, own, decoder.embed(own), ids, outside)
+    assert (target[0] == ids[0, 2]).all() and (target[1] == own[1]).all()
+    skipped = decoder._candidates([refs], lambda *shape: torch.ones(shape))[1]
+    assert not skipped.any()  # uniform 1 >= the share: not selected
+    decoder.train()
+    batch = {**fixed_batch(), "references": [refs] * len(CAPTIONS)}
+    loss = decoder.loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -223,6 +223,11 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             rows.
         policy_commit: ``predicted`` (the first call's words) or ``gold`` (the caption's).
         policy_steps: K of ``policy_noise``, the sampler's step count it imitates.
+        reference_selection: the fraction of training captions whose target is, instead of
+            the caption their input is made of, whichever of their image's references the
+            denoiser's prediction is nearest (least restore + lambda rounding loss; Shao et al.
+            2022, "One Reference Is Not Enough"): each position stops being fitted to the
+            average of phrasings the input does not pin down.
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
             q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
@@ -298,6 +303,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         policy_noise: float = 0.0,
         policy_commit: PolicyCommit = "predicted",
         policy_steps: int = 5,
+        reference_selection: float = 0.0,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -324,6 +330,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         if policy_commit not in ("predicted", "gold"):
             raise ValueError(f"diffusion: unknown policy_commit {policy_commit!r}; choose "
                              "predicted or gold")
+        if not 0.0 <= reference_selection <= 1.0:
+            raise ValueError("diffusion: reference_selection must be in [0, 1], got "
+                             f"{reference_selection}")
         if int(policy_steps) < 2:
             raise ValueError(f"diffusion: policy_steps must be >= 2, got {policy_steps}")
         self.max_length = int(max_length)
@@ -568,8 +577,12 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         self_condition = self.denoiser.self_cond_proj is not None and bool(uniform(1) < 0.5)
         # the x_1 term's noise is drawn after the x_t forward (dropout draws from the same RNG)
         noise_1 = (lambda: gaussian(batch_size, length, width)) if self.hparams["x1_loss"] else None
+        candidates = None
+        if (self.hparams["reference_selection"] > 0 and batch.get("references") is not None
+                and t.shape[0] == batch_size):
+            candidates = self._candidates(batch["references"], uniform)  # (B, R, L), (B, R)
         parts = self.denoising_loss(ids, denoiser_image, text, keep, t, noise, noise_1,
-                                    self_condition, input_ids)
+                                    self_condition, input_ids, candidates)
         total = parts["loss"]
         if self.length_head is not None:
             words = self.end_positions(ids)  # (B,)
@@ -673,6 +686,26 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         input_ids[chosen] = row_ids
         return t, input_ids
 
+    def _candidates(self, references: list[tuple[str, ...]], uniform
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's image's references as targets to select from: ids (B, R, L) and which of
+        the R slots take part (B, R): all of the image's references (the row's own caption among
+        them) for rows in the ``reference_selection`` share, none for the others, which keep
+        their own caption."""
+        rows = len(references)
+        chosen = (uniform(rows) < self.hparams["reference_selection"]).tolist()  # (B,)
+        width = max(len(refs) for refs in references)
+        flat = [caption for refs in references for caption in refs]
+        encoded = self.encode_captions(flat)  # (sum R_b, L)
+        ids = encoded.new_full((rows, width, encoded.shape[1]), self.pad_token_id)  # (B, R, L)
+        mask = torch.zeros(rows, width, dtype=torch.bool, device=self.device)  # (B, R)
+        start = 0
+        for row, refs in enumerate(references):
+            ids[row, :len(refs)] = encoded[start:start + len(refs)]
+            mask[row, :len(refs) if chosen[row] else 0] = True
+            start += len(refs)
+        return ids, mask
+
     def t_state(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Positions at t = T carry ``temperature * eps`` (the T state), as generation's start
         and the refine sampler's restarts do; q_sample's sqrt(abar_T) x_0 there is ~5e-5 x_0."""
@@ -684,13 +717,19 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                        keep: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                        noise_1: torch.Tensor | Callable[[], torch.Tensor] | None = None,
                        self_condition: bool = False,
-                       input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       input_ids: torch.Tensor | None = None,
+                       candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       ) -> dict[str, torch.Tensor]:
         """L_simple' + lambda L_R (key ``loss``) and its parts for given draws: ``ids`` (B, L),
         ``image`` (B, D), ``text`` (B, D) or None, ``keep`` (B,), ``t`` (N B,) or (N B, L) and
         ``noise`` (N B, L, E) for N noise levels per caption (row n B + b is caption b at its
         n-th level), ``noise_1`` (B, L, E) for the x_1 term, or a function drawing it when it
         is needed (None: no x_1 term). ``input_ids`` (B, L): the words the x_t inputs are
         made of, when they differ from the gold ``ids`` (the targets; :meth:`_policy_inputs`).
+        ``candidates``: (ids (B, R, L), mask (B, R)) of :meth:`_candidates`: a row with any
+        candidate is scored against each and trained towards the one its prediction is nearest,
+        ``argmin_r d(x0_hat, x_0^r) + lambda CE(w^r, head(x0_hat))`` (reference selection, Shao
+        et al. 2022), its input still made of its own caption.
 
         With N levels the x_t terms are means over the N B rows, i.e. the mean of the N
         single-level losses; the x_1 term is counted once per caption."""
@@ -719,6 +758,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
                                          caption_mask=mask_n).detach()  # (N B, L, E)
         x0_hat = self.denoise(x_t, t, image_n, text_n, keep_n, self_cond,
                               caption_mask=mask_n)  # (N B, L, E)
+        if candidates is not None and bool(candidates[1].any()):
+            ids_n, x0_n = self._select_targets(x0_hat, ids_n, x0_n, *candidates)
 
         scale = self.embed_scale
         restore_t = self.restore_fn(x0_hat / scale, x0_n / scale)
@@ -750,6 +791,30 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         parts.update(l_simple=l_simple, l_rounding=l_rounding, rounding_lambda=weight.detach(),
                      token_accuracy=accuracy, loss=l_simple + weight * l_rounding)
         return parts
+
+    def _select_targets(self, x0_hat: torch.Tensor, ids: torch.Tensor, x0: torch.Tensor,
+                        candidate_ids: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets (B, L), (B, L, E): for each row with candidates (``mask`` (B, R)), the
+        candidate ``candidate_ids`` (B, R, L) of least restore + lambda rounding loss against
+        ``x0_hat`` (B, L, E) (no gradient through the choice); the others keep theirs."""
+        scale = self.embed_scale
+        with torch.no_grad():
+            x0_r = self.embed(candidate_ids)  # (B, R, L, E)
+            gap = (x0_hat[:, None] - x0_r) / scale  # (B, R, L, E)
+            if self.hparams["restore_loss"] == "l1":
+                restore = gap.abs().mean(-1).sum(-1)  # (B, R)
+            else:
+                restore = gap.pow(2).mean(-1).sum(-1)  # (B, R)
+            log_p = self.lm_logits(x0_hat).float().log_softmax(-1)  # (B, L, V)
+            ce = -log_p[:, None].expand(-1, candidate_ids.shape[1], -1, -1).gather(
+                -1, candidate_ids[..., None])[..., 0].sum(-1)  # (B, R)
+            total = (restore + self.rounding_lambda * ce).masked_fill(~mask, float("inf"))
+            pick = total.argmin(-1)  # (B,)
+            rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
+            chosen = mask.any(-1)  # (B,)
+            target = torch.where(chosen[:, None], candidate_ids[rows, pick], ids)  # (B, L)
+        return target, torch.where(chosen[:, None, None], self.embed(target), x0)
 
     def _mix_timesteps(self, t: torch.Tensor, length: int, uniform) -> torch.Tensor:
         """(B,) caption timesteps -> (B, L): in a ``mixed_noise`` fraction of the captions each
