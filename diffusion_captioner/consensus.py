@@ -38,18 +38,7 @@ def consensus_indices(references: Mapping[Hashable, Sequence[str]]) -> dict[Hash
     """image key -> the index of its consensus reference (module docstring); an image with one
     reference gets 0."""
     reward = CiderDReward(references)
-    others = {(key, j): [r for i, r in enumerate(refs) if i != j]
-              for key, refs in references.items() if len(refs) > 1 for j in range(len(refs))}
-    best = {key: 0 for key in references}
-    if not others:
-        return best
-    keys = list(others)
-    scores = reward.with_references(others)(keys, [references[k][j] for k, j in keys])  # (P,)
-    top: dict[Hashable, float] = {}
-    for (key, j), score in zip(keys, scores.tolist(), strict=True):
-        if key not in top or score > top[key]:
-            top[key], best[key] = score, j
-    return best
+    return {key: int(reward.leave_one_out(key).argmax()) for key in references}
 
 
 def consensus_split(train: SplitFeatures, ratio: float, seed: int = 0) -> SplitFeatures:

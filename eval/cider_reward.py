@@ -160,6 +160,33 @@ class CiderDReward:
                 length += term_freq
         return tuple(vec), tuple(math.sqrt(x) for x in norm), length
 
+    def leave_one_out(self, key: Hashable) -> np.ndarray:
+        """(R,) CIDEr-D of each of corpus image ``key``'s R references against its R - 1 others,
+        ``CIDEr-D(r_j, R_b minus r_j)`` with the corpus idf: the score :meth:`__call__` would give
+        r_j against those references, from the precomputed vectors (zeros when R = 1)."""
+        refs = self._refs[key]
+        out = np.zeros(len(refs))  # (R,)
+        if len(refs) < 2:
+            return out
+        two_sigma_sq = 2.0 * self.sigma * self.sigma
+        for j, (vec, norm, length) in enumerate(refs):
+            total = 0.0
+            for i, (ref_vec, ref_norm, ref_length) in enumerate(refs):
+                if i == j:
+                    continue
+                delta = float(length - ref_length)
+                penalty = math.exp(-(delta * delta) / two_sigma_sq)
+                for k in range(self.n):
+                    denominator = norm[k] * ref_norm[k]
+                    if denominator == 0.0:
+                        continue
+                    ref_k = ref_vec[k]
+                    dot = sum(min(weight, r) * r for gram, weight in vec[k].items()
+                              if (r := ref_k.get(gram)) is not None)
+                    total += dot / denominator * penalty
+            out[j] = total / self.n / (len(refs) - 1) * 10.0
+        return out
+
     def __call__(self, keys: Sequence[Hashable], captions: Sequence[str]) -> np.ndarray:
         """(B,) CIDEr-D of ``captions[i]`` (tokenised by :func:`reward_tokens`) against the
         references of ``keys[i]``; KeyError for a key not in the corpus."""

@@ -138,3 +138,15 @@ def test_unknown_key_raises_naming_it_and_an_empty_caption_scores_zero():
         reward(["a", "b"], ["a red circle"])
     with pytest.raises(ValueError, match="no reference"):
         CiderDReward({"a": CORPUS["a"], "b": []})
+
+
+def test_leave_one_out_scores_each_reference_against_the_others_with_the_corpus_idf():
+    reward = CiderDReward(CORPUS)
+    for key, refs in CORPUS.items():
+        others = reward.with_references({j: [r for i, r in enumerate(refs) if i != j]
+                                         for j in range(len(refs))})
+        expected = others(list(range(len(refs))), refs)  # (R,)
+        np.testing.assert_allclose(reward.leave_one_out(key), expected, rtol=1e-12)
+    assert reward.leave_one_out("a").argmax() != 2  # "red circle and blue square" is the odd one
+    single = CiderDReward({"x": ["a red circle"], **CORPUS})
+    assert single.leave_one_out("x").tolist() == [0.0]

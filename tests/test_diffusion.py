@@ -580,3 +580,19 @@ def test_reference_selection_trains_towards_the_reference_the_prediction_is_near
     loss = decoder.loss(batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_learn_embeddings_trains_the_word_table_through_the_lm_head_only(tmp_path):
+    frozen = build_tiny(tmp_path, x1_loss=False)
+    assert not frozen.word_embeddings.requires_grad
+    decoder = build_tiny(tmp_path, learn_embeddings=True, x1_loss=False, rounding_weight=0.0)
+    assert decoder.word_embeddings.requires_grad
+    decoder.train()
+    decoder.loss(fixed_batch())["loss"].backward()  # restore loss only: no gradient to the table
+    grad = decoder.word_embeddings.grad
+    assert grad is None or not grad.any()
+    decoder.zero_grad()
+    rounded = build_tiny(tmp_path, learn_embeddings=True, x1_loss=False, rounding_weight=1.0)
+    rounded.train()
+    rounded.loss(fixed_batch())["loss"].backward()
+    assert rounded.word_embeddings.grad is not None and rounded.word_embeddings.grad.any()

@@ -228,6 +228,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             denoiser's prediction is nearest (least restore + lambda rounding loss; Shao et al.
             2022, "One Reference Is Not Enough"): each position stops being fitted to the
             average of phrasings the input does not pin down.
+        learn_embeddings: train the word table (frozen by default, as in the paper) through the
+            LM head's rounding loss only; inputs and restore targets read it detached, so the
+            restore loss cannot pull words together (Diffusion-LM's collapse).
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
             q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
@@ -304,6 +307,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         policy_commit: PolicyCommit = "predicted",
         policy_steps: int = 5,
         reference_selection: float = 0.0,
+        learn_embeddings: bool = False,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -350,8 +354,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             with torch.no_grad():
                 words.weight.normal_(0.0, 1.0)
                 mlm.distilbert.embeddings.position_embeddings.weight.normal_(0.0, 1.0)
-        words.weight.requires_grad_(False)
         mlm.get_output_embeddings().requires_grad_(False)  # unused: the head is E^T, bias 0
+        words.weight.requires_grad_(bool(learn_embeddings))  # (tied to it in DistilBERT)
         self.denoiser = Denoiser(
             mlm, int(feature_dim), self.schedule.steps, fusion=fusion,
             time_embedding=bool(time_embedding), self_conditioning=bool(self_conditioning),
@@ -471,7 +475,8 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> x_0 (B, L, E): the rows of :meth:`diffusion_table`, normalised
         after the lookup (a 30k-word table is not rebuilt for a few ids)."""
-        return (self.word_embeddings[ids] - self.emb_mean) / self.emb_std * self.embed_scale
+        table = self.word_embeddings.detach()  # (V, E); learnt (if at all) through the head
+        return (table[ids] - self.emb_mean) / self.emb_std * self.embed_scale
 
     def lm_logits(self, x0: torch.Tensor) -> torch.Tensor:
         """The frozen LM head on diffusion-space vectors: ``(x / s * sigma + mu) E^T`` (B, L, V)."""
