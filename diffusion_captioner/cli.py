@@ -88,7 +88,9 @@ class Commands:
             train: JSON object of training overrides for every decoder, e.g. ``{"max_steps": 100}``;
                 an ``scst`` block in it (``{"scst": {"samples": 5, "max_minutes": 3}}``) adds a
                 ``<decoder>-scst`` row per decoder: self-critical training on CIDEr-D after
-                cross-entropy (README, "Self-critical training").
+                cross-entropy (README, "Self-critical training"); ``consensus_targets`` r
+                trains on each image's consensus reference for a share r of the pairs
+                (the embedded diffusion default: 0.75).
             decoder_config: JSON object of constructor arguments per decoder, over the preset's,
                 e.g. ``{"diffusion": {"refine_noise": 0.25}, "my_pkg.mod.Mine": {"k": 5}}``
                 (a plugin without a preset entry gets its arguments this way).

@@ -219,8 +219,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             floor(n (K - k) / K) least confident span positions restart at t = T and the others
             are committed at t = 0 (:meth:`_policy_inputs`). Restarting where the model is
             unsure, not at random positions, is what the sampler does; committing its own
-            (possibly wrong) words teaches it to repair them. Costs one no-grad call over those
-            rows.
+            (possibly wrong) words asks it to repair them, which on the embedded default makes
+            it distrust every committed word (README, issue 16). Costs one no-grad call over
+            those rows.
         policy_commit: ``predicted`` (the first call's words) or ``gold`` (the caption's).
         policy_steps: K of ``policy_noise``, the sampler's step count it imitates.
         reference_selection: the fraction of training captions whose target is, instead of
