@@ -28,7 +28,6 @@ import jsonlines
 import torch
 
 from diffusion_captioner import analysis
-from diffusion_captioner.consensus import consensus_split
 from diffusion_captioner.distillation import DistillPlan, distilled_pairs, teacher_captions
 from diffusion_captioner.encoders import EMBEDDED_PREFIX, encoder_config
 from diffusion_captioner.features import FeatureCache, SplitFeatures
@@ -339,7 +338,6 @@ def run_decoder(name: str, plan: DecoderPlan, work: Workspace, out: RunFolder,
         if first_phase is None:
             raise ValueError(f"{name}: an SCST row needs its first phase's run")
         return run_scst(name, plan, work, out, first_phase, clip_prompt, progress, log_with)
-    train = consensus_split(train, train_cfg.consensus_targets)
     pairs, teacher_record = CaptionPairs.from_split(train), None
     if plan.distill:
         if teacher is None:

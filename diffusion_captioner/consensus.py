@@ -14,21 +14,21 @@ and with ``ratio`` r each training pair's caption is replaced by c(b) with proba
 
     caption'(b, j) = r_{b c(b)}  with probability r, else r_bj
 
-(r = 0: nothing changes; r = 1: one caption per image). Only the training split's references are
-read; the validation and test splits, and SCST's reward, keep theirs. The text feature of a
-replaced pair is that of its new caption (a reference, so it is already in the cache). It is a
-training option of every decoder (``train.consensus_targets``).
+(r = 0: nothing changes; r = 1: one caption per image). It is a training option of every
+decoder (``train.consensus_targets``): the :class:`~diffusion_captioner.trainer.Trainer`
+applies it to the pairs it trains on (after distillation, when a ``distill`` block made them),
+so only training captions are read; validation, test and SCST's reward keep every reference.
+The text feature of a replaced pair is that of its new caption (already in the cache).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
-from diffusion_captioner.features import SplitFeatures
+from diffusion_captioner.trainer import CaptionPairs
 from eval.cider_reward import CiderDReward
 
 logger = logging.getLogger(__name__)
@@ -41,29 +41,28 @@ def consensus_indices(references: Mapping[Hashable, Sequence[str]]) -> dict[Hash
     return {key: int(reward.leave_one_out(key).argmax()) for key in references}
 
 
-def consensus_split(train: SplitFeatures, ratio: float, seed: int = 0) -> SplitFeatures:
-    """``train`` with each caption replaced by its image's consensus reference with probability
-    ``ratio`` (which pairs: seeded by ``seed``); text features follow their captions."""
+def consensus_pairs(pairs: CaptionPairs, ratio: float, seed: int = 0) -> CaptionPairs:
+    """``pairs`` with each caption replaced by its image's consensus reference (among that
+    image's captions in ``pairs``) with probability ``ratio`` (which pairs: seeded by
+    ``seed``); text features follow their captions."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"training option consensus_targets must be in [0, 1], got {ratio}")
     if ratio == 0:
-        return train
-    best = consensus_indices({r.image_id: list(r.captions) for r in train.records})
-    counts = [len(r.captions) for r in train.records]
+        return pairs
+    best = consensus_indices(dict(enumerate(pairs.captions)))
+    counts = [len(refs) for refs in pairs.captions]
     generator = torch.Generator().manual_seed(seed)
     replaced = (torch.rand(sum(counts), generator=generator) < ratio).tolist()  # (P,)
-    records, rows, start = [], [], 0
-    for record, count in zip(train.records, counts, strict=True):
-        chosen = best[record.image_id]
-        picks = [chosen if replaced[start + j] else j for j in range(count)]
-        records.append(dataclasses.replace(
-            record, captions=tuple(record.captions[j] for j in picks)))
+    captions, rows, start = [], [], 0
+    for image, (refs, count) in enumerate(zip(pairs.captions, counts, strict=True)):
+        picks = [best[image] if replaced[start + j] else j for j in range(count)]
+        captions.append(tuple(refs[j] for j in picks))
         rows.extend(start + j for j in picks)
         start += count
-    text = train.text_features
+    text = pairs.text_features
     if text is not None:
         text = text[torch.tensor(rows, device=text.device)]  # (P, D), each caption's own row
-    changed = sum(r != j for r, j in zip(rows, range(len(rows)), strict=True))
+    changed = sum(row != i for i, row in enumerate(rows))
     logger.info("consensus targets: %d of %d training captions are now their image's consensus "
                 "reference (ratio %.2f)", changed, len(rows), ratio)
-    return dataclasses.replace(train, records=records, text_features=text)
+    return CaptionPairs(pairs.features, captions, text)

@@ -55,7 +55,7 @@ class TrainConfig:
     validation whose loss exceeds ``overfit_ratio`` x the mean training loss since the previous
     one; the last weights when that never happens). ``eval_every``: steps, or ``"epoch"``.
     ``consensus_targets``: the share of training pairs whose caption becomes its image's
-    consensus reference (:mod:`diffusion_captioner.consensus`; ``dcap compare`` applies it).
+    consensus reference (:mod:`diffusion_captioner.consensus`), applied when the trainer is made.
     """
 
     batch_size: int = 64
@@ -217,6 +217,14 @@ class Trainer:
             project_dir=str(self.tracker_dir) if self.log_with else None,
         )
         set_seed(config.seed)
+        if config.consensus_targets > 0:
+            if not isinstance(train, CaptionPairs):
+                raise ValueError("training option consensus_targets replaces captions of "
+                                 "(feature, caption) pairs; this phase trains on "
+                                 f"{type(train).__name__}: drop it from the phase's settings")
+            from diffusion_captioner.consensus import consensus_pairs
+
+            train = consensus_pairs(train, config.consensus_targets)
         self.train_data, self.val_data = train, val
         trainable = [p for p in decoder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_captioner.consensus import consensus_indices, consensus_split
-from diffusion_captioner.features import SplitFeatures
+from diffusion_captioner.consensus import consensus_indices, consensus_pairs
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig
-from registry import CaptionRecord
 
 REFS = {
     1: ("a big red circle", "a large red circle", "a large red circle in the middle",
@@ -19,11 +17,9 @@ REFS = {
 }
 
 
-def split() -> SplitFeatures:
-    records = [CaptionRecord(i, f"img{i}", refs, "train") for i, refs in REFS.items()]
-    features = torch.eye(3)  # (N, D)
+def training_pairs() -> CaptionPairs:
     text = torch.arange(9.0)[:, None].repeat(1, 2)  # (P, 2): row p holds p
-    return SplitFeatures(records=records, features=features, text_features=text)
+    return CaptionPairs(torch.eye(3), list(REFS.values()), text)
 
 
 def test_the_consensus_is_the_reference_the_others_agree_with_most():
@@ -36,27 +32,43 @@ def test_the_consensus_is_the_reference_the_others_agree_with_most():
 
 
 def test_the_ratio_replaces_that_share_and_the_text_features_follow_their_captions():
-    train = split()
-    assert consensus_split(train, 0.0) is train
-    every = consensus_split(train, 1.0)
-    assert [r.captions for r in every.records] == [
+    train = training_pairs()
+    assert consensus_pairs(train, 0.0) is train
+    every = consensus_pairs(train, 1.0)
+    assert every.captions == [
         ("a large red circle",) * 4, ("a small blue square above a green cross",) * 4,
         ("a tiny orange triangle",)]
     # a replaced pair carries the CLIP text feature of its new caption, row for row
     assert every.text_features[:, 0].tolist() == [1.0] * 4 + [4.0] * 4 + [8.0]
-    pairs = CaptionPairs.from_split(every)
-    assert len(pairs) == 9 and pairs.batch([0, 4])["captions"] == [
+    assert len(every) == 9 and every.batch([0, 4])["captions"] == [
         "a large red circle", "a small blue square above a green cross"]
     # every pair also carries its image's captions (for reference selection)
-    assert pairs.batch([8])["references"] == [("a tiny orange triangle",)]
-    # other splits and the split given are untouched
-    assert [r.captions for r in train.records] == list(REFS.values())
-    big = SplitFeatures(
-        records=[CaptionRecord(i, f"i{i}", ("a red circle", "a big red circle", "red"), "train")
-                 for i in range(300)], features=torch.zeros(300, 2))
-    half = consensus_split(big, 0.5)
-    moved = sum(c != o for r, b in zip(half.records, big.records, strict=True)
-                for c, o in zip(r.captions, b.captions, strict=True))
+    assert every.batch([8])["references"] == [("a tiny orange triangle",)]
+    assert train.captions == list(REFS.values())  # the pairs given are untouched
+    big = CaptionPairs(torch.zeros(300, 2), [("a red circle", "a big red circle", "red")] * 300)
+    half = consensus_pairs(big, 0.5)
+    moved = sum(c != o for new, old in zip(half.captions, big.captions, strict=True)
+                for c, o in zip(new, old, strict=True))
     assert 0.25 < moved / 900 < 0.42  # half of the two non-consensus captions of each image
     with pytest.raises(ValueError, match="consensus_targets must be in"):
         TrainConfig.from_dict({"consensus_targets": 1.5})
+
+
+def test_the_trainer_applies_consensus_targets_and_refuses_them_where_there_are_no_pairs(
+        tmp_path):
+    from diffusion_captioner.trainer import Trainer
+    from registry import CaptionDecoder
+
+    class Still(CaptionDecoder):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate_batch(self, features, options):
+            return ["a"] * len(features)
+
+    config = TrainConfig.from_dict({"consensus_targets": 1.0, "max_steps": 1})
+    trainer = Trainer(Still(), training_pairs(), None, config, tmp_path / "a", progress=False)
+    assert trainer.train_data.captions[0] == ("a large red circle",) * 4
+    with pytest.raises(ValueError, match="consensus_targets replaces captions"):
+        Trainer(Still(), [("an", "image")], None, config, tmp_path / "b", progress=False)
