@@ -82,6 +82,10 @@ class ScstPlan:
         except ValueError as error:
             raise ValueError(f"{owner}: train.scst: {error} (or one of {', '.join(OWN_KEYS)})"
                              ) from None
+        if train.consensus_targets:
+            raise ValueError(f"{owner}: train.scst.consensus_targets: SCST's reward scores "
+                             "against every reference; set consensus_targets for the first "
+                             "phase only")
         samples, baseline = own.get("samples", 5), own.get("baseline", "greedy")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"{owner}: train.scst.samples must be an int >= 1, got {samples!r}")

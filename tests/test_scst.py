@@ -170,7 +170,8 @@ def test_the_scst_block_is_checked_in_one_line():
     for block, message in [({"sampels": 3}, "unknown training option.*sampels"),
                            ({"baseline": "best"}, "choose greedy"),
                            ({"baseline": "mean", "samples": 1}, "samples >= 2"),
-                           ({"samples": 0}, "int >= 1"), ({"sample": 3}, "mapping")]:
+                           ({"samples": 0}, "int >= 1"), ({"sample": 3}, "mapping"),
+                           ({"consensus_targets": 0.5}, "first phase only")]:
         with pytest.raises(ValueError, match=message):
             ScstPlan.from_dict(block, owner="clipcap")
 
