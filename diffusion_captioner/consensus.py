@@ -16,7 +16,7 @@ and with ``ratio`` r each training pair's caption is replaced by c(b) with proba
 
 (r = 0: nothing changes; r = 1: one caption per image). It is a training option of every
 decoder (``train.consensus_targets``): the :class:`~diffusion_captioner.trainer.Trainer`
-applies it to the pairs it trains on (after distillation, when a ``distill`` block made them),
+applies it to the pairs it trains on (``CaptionPairs.with_consensus_targets``) (after distillation, when a ``distill`` block made them),
 so only training captions are read; validation, test and SCST's reward keep every reference.
 The text feature of a replaced pair is that of its new caption (already in the cache).
 """
@@ -28,7 +28,6 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
-from diffusion_captioner.trainer import CaptionPairs
 from eval.cider_reward import CiderDReward
 
 logger = logging.getLogger(__name__)
@@ -41,28 +40,27 @@ def consensus_indices(references: Mapping[Hashable, Sequence[str]]) -> dict[Hash
     return {key: int(reward.leave_one_out(key).argmax()) for key in references}
 
 
-def consensus_pairs(pairs: CaptionPairs, ratio: float, seed: int = 0) -> CaptionPairs:
-    """``pairs`` with each caption replaced by its image's consensus reference (among that
-    image's captions in ``pairs``) with probability ``ratio`` (which pairs: seeded by
-    ``seed``); text features follow their captions."""
+def consensus_targets(captions: Sequence[tuple[str, ...]], ratio: float, seed: int = 0
+                      ) -> tuple[list[tuple[str, ...]], list[int]]:
+    """Each image's captions (image i: ``captions[i]``) with each one replaced by the image's
+    consensus reference with probability ``ratio`` (which ones: seeded by ``seed``), and for
+    every new caption, in order, the index of the old caption it is (over all images' captions
+    in order: the text-feature row it keeps)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"training option consensus_targets must be in [0, 1], got {ratio}")
+    counts = [len(refs) for refs in captions]
     if ratio == 0:
-        return pairs
-    best = consensus_indices(dict(enumerate(pairs.captions)))
-    counts = [len(refs) for refs in pairs.captions]
+        return [tuple(refs) for refs in captions], list(range(sum(counts)))
+    best = consensus_indices(dict(enumerate(captions)))
     generator = torch.Generator().manual_seed(seed)
     replaced = (torch.rand(sum(counts), generator=generator) < ratio).tolist()  # (P,)
-    captions, rows, start = [], [], 0
-    for image, (refs, count) in enumerate(zip(pairs.captions, counts, strict=True)):
+    targets, rows, start = [], [], 0
+    for image, (refs, count) in enumerate(zip(captions, counts, strict=True)):
         picks = [best[image] if replaced[start + j] else j for j in range(count)]
-        captions.append(tuple(refs[j] for j in picks))
+        targets.append(tuple(refs[j] for j in picks))
         rows.extend(start + j for j in picks)
         start += count
-    text = pairs.text_features
-    if text is not None:
-        text = text[torch.tensor(rows, device=text.device)]  # (P, D), each caption's own row
     changed = sum(row != i for i, row in enumerate(rows))
     logger.info("consensus targets: %d of %d training captions are now their image's consensus "
                 "reference (ratio %.2f)", changed, len(rows), ratio)
-    return CaptionPairs(pairs.features, captions, text)
+    return targets, rows

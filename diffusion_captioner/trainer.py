@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from diffusion_captioner.consensus import consensus_targets
 from diffusion_captioner.features import SplitFeatures
 from registry import CaptionDecoder
 
@@ -142,6 +143,18 @@ class CaptionPairs:
             batch["text_features"] = self.text_features[torch.tensor(indices)]  # (B, D)
         return batch
 
+    def with_consensus_targets(self, ratio: float, seed: int = 0) -> CaptionPairs:
+        """These pairs with each caption replaced by its image's consensus reference with
+        probability ``ratio`` (:func:`~diffusion_captioner.consensus.consensus_targets`); the
+        text features follow their captions."""
+        if ratio == 0:
+            return self
+        captions, rows = consensus_targets(self.captions, ratio, seed)
+        text = self.text_features
+        if text is not None:
+            text = text[torch.tensor(rows, device=text.device)]  # (P, D), each caption's own row
+        return CaptionPairs(self.features, captions, text)
+
     @classmethod
     def from_split(cls, split: SplitFeatures) -> CaptionPairs:
         return cls(split.features, [r.captions for r in split.records], split.text_features)
@@ -222,9 +235,7 @@ class Trainer:
                 raise ValueError("training option consensus_targets replaces captions of "
                                  "(feature, caption) pairs; this phase trains on "
                                  f"{type(train).__name__}: drop it from the phase's settings")
-            from diffusion_captioner.consensus import consensus_pairs
-
-            train = consensus_pairs(train, config.consensus_targets)
+            train = train.with_consensus_targets(config.consensus_targets)
         self.train_data, self.val_data = train, val
         trainable = [p for p in decoder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

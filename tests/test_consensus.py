@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_captioner.consensus import consensus_indices, consensus_pairs
+from diffusion_captioner.consensus import consensus_indices
 from diffusion_captioner.trainer import CaptionPairs, TrainConfig
 
 REFS = {
@@ -33,8 +33,8 @@ def test_the_consensus_is_the_reference_the_others_agree_with_most():
 
 def test_the_ratio_replaces_that_share_and_the_text_features_follow_their_captions():
     train = training_pairs()
-    assert consensus_pairs(train, 0.0) is train
-    every = consensus_pairs(train, 1.0)
+    assert train.with_consensus_targets(0.0) is train
+    every = train.with_consensus_targets(1.0)
     assert every.captions == [
         ("a large red circle",) * 4, ("a small blue square above a green cross",) * 4,
         ("a tiny orange triangle",)]
@@ -46,7 +46,7 @@ def test_the_ratio_replaces_that_share_and_the_text_features_follow_their_captio
     assert every.batch([8])["references"] == [("a tiny orange triangle",)]
     assert train.captions == list(REFS.values())  # the pairs given are untouched
     big = CaptionPairs(torch.zeros(300, 2), [("a red circle", "a big red circle", "red")] * 300)
-    half = consensus_pairs(big, 0.5)
+    half = big.with_consensus_targets(0.5)
     moved = sum(c != o for new, old in zip(half.captions, big.captions, strict=True)
                 for c, o in zip(new, old, strict=True))
     assert 0.25 < moved / 900 < 0.42  # half of the two non-consensus captions of each image
