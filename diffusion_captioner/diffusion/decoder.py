@@ -76,6 +76,7 @@ from diffusion_captioner.diffusion.samplers import (
     RefineScheduleName,
     SamplerName,
     SamplingRun,
+    least_confident,
     sampler_for,
 )
 from diffusion_captioner.diffusion.schedule import NoiseSchedule, ScheduleName
@@ -104,15 +105,18 @@ RestoreLoss = Literal["mse", "l1"]
 PolicyCommit = Literal["predicted", "gold"]
 
 
-def _mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x_hat - x).pow(2).mean(-1).sum(-1).mean()  # sum over positions, mean over B and E
+#: Per-caption restore distance of a difference (..., L, E) -> (...,): summed over positions,
+#: a mean over the E dimensions.
+RESTORE_DISTANCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mse": lambda gap: gap.pow(2).mean(-1).sum(-1),
+    "l1": lambda gap: gap.abs().mean(-1).sum(-1),
+}
 
 
-def _l1(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x_hat - x).abs().mean(-1).sum(-1).mean()
-
-
-RESTORE_LOSSES = {"mse": _mse, "l1": _l1}
+def restore_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The restore loss ``d``: its per-caption distance of x_hat - x (B, L, E), meaned over B."""
+    distance = RESTORE_DISTANCES[name]
+    return lambda x_hat, x: distance(x_hat - x).mean()
 
 
 @dataclass(frozen=True)
@@ -312,9 +316,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if restore_loss not in RESTORE_LOSSES:
+        if restore_loss not in RESTORE_DISTANCES:
             raise ValueError(f"unknown restore_loss {restore_loss!r}; choose one of: "
-                             f"{', '.join(RESTORE_LOSSES)}")
+                             f"{', '.join(RESTORE_DISTANCES)}")
         if max_length < 2:
             raise ValueError("diffusion: max_length must be >= 2 (a word and the end token)")
         if not 0.0 <= image_dropout < 1.0:
@@ -342,7 +346,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             raise ValueError(f"diffusion: policy_steps must be >= 2, got {policy_steps}")
         self.max_length = int(max_length)
         self.schedule = NoiseSchedule(schedule, diffusion_steps)
-        self.restore_fn = RESTORE_LOSSES[restore_loss]
+        self.restore_fn = restore_loss_fn(restore_loss)
 
         tokenizer_name = tokenizer if tokenizer is not None else str(lm)
         self.tokenizer = load_caption_tokenizer(tokenizer_name, "diffusion")
@@ -682,8 +686,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         total = int(self.hparams["policy_steps"])
         k = 1 + (uniform(chosen.numel()) * (total - 1)).long().clamp(max=total - 2)  # (C,)
         redo = span * (total - k) // total  # (C,)
-        order = confidence.masked_fill(~inside, 2.0).argsort(-1)  # (C, L), least sure first
-        restart = order.argsort(-1) < redo[:, None]  # (C, L)
+        restart = least_confident(confidence, inside, redo)  # (C, L), as refine restarts
         committed = words if self.hparams["policy_commit"] == "predicted" else gold
         row_ids = torch.where(inside, committed, gold)  # (C, L): suffix stays gold
         t = t.clone()
@@ -808,10 +811,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         with torch.no_grad():
             x0_r = self.embed(candidate_ids)  # (B, R, L, E)
             gap = (x0_hat[:, None] - x0_r) / scale  # (B, R, L, E)
-            if self.hparams["restore_loss"] == "l1":
-                restore = gap.abs().mean(-1).sum(-1)  # (B, R)
-            else:
-                restore = gap.pow(2).mean(-1).sum(-1)  # (B, R)
+            restore = RESTORE_DISTANCES[self.hparams["restore_loss"]](gap)  # (B, R)
             log_p = self.lm_logits(x0_hat).float().log_softmax(-1)  # (B, L, V)
             ce = -log_p[:, None].expand(-1, candidate_ids.shape[1], -1, -1).gather(
                 -1, candidate_ids[..., None])[..., 0].sum(-1)  # (B, R)

@@ -155,12 +155,20 @@ class RefineSampler(Sampler):
                 redo = (span * share).floor().long()  # (B,)
             else:
                 redo = span * (total - done) // total  # (B,)
-            order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
-            rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
-            noisy = rank < redo[:, None]  # (B, L)
+            noisy = least_confident(confidence, inside, redo)  # (B, L)
         t_next = torch.where(noisy, run.schedule.steps, 0).long()  # (B, L)
         committed = run.embed(words)  # (B, L, E)
         return torch.where(noisy[..., None], restart, committed), t_next
+
+
+def least_confident(confidence: torch.Tensor, inside: torch.Tensor,
+                    count: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: in each row the ``count`` (B,) least confident positions (``confidence``
+    (B, L)) among those ``inside`` (B, L) its span; what ``refine`` restarts after a step (and
+    what training on its inputs, ``policy_noise``, restarts too)."""
+    order = confidence.masked_fill(~inside, 2.0).argsort(dim=-1)  # (B, L), least sure first
+    rank = order.argsort(dim=-1)  # (B, L), each position's place in that order
+    return rank < count[:, None]
 
 
 def repeated_ngrams(words: torch.Tensor, n: int) -> torch.Tensor:
