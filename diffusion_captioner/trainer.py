@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffusion_captioner.consensus import consensus_targets
+from diffusion_captioner.ema import WeightAverage
 from diffusion_captioner.features import SplitFeatures
 from registry import CaptionDecoder
 
@@ -57,6 +59,9 @@ class TrainConfig:
     one; the last weights when that never happens). ``eval_every``: steps, or ``"epoch"``.
     ``consensus_targets``: the share of training pairs whose caption becomes its image's
     consensus reference (:mod:`diffusion_captioner.consensus`), applied when the trainer is made.
+    ``ema_decay``: d > 0 keeps an exponential moving average of the trained weights
+    (:mod:`diffusion_captioner.ema`); validation, and so ``checkpoint/best``, then use the average
+    while training continues from the weights themselves. 0: off.
     """
 
     batch_size: int = 64
@@ -80,6 +85,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     consensus_targets: float = 0.0
+    ema_decay: float = 0.0
     cpu: bool = False  # force CPU even when an accelerator is present
 
     @classmethod
@@ -98,6 +104,9 @@ class TrainConfig:
         if not 0.0 <= config.consensus_targets <= 1.0:
             raise ValueError("training option consensus_targets must be in [0, 1], got "
                              f"{config.consensus_targets}")
+        if not 0.0 <= config.ema_decay < 1.0:
+            raise ValueError("training option ema_decay must be in [0, 1) (0: off), got "
+                             f"{config.ema_decay}")
         if config.lr_schedule == "linear_per_epoch" and (config.epochs is None
                                                          or config.final_lr is None):
             raise ValueError("training option lr_schedule='linear_per_epoch' needs epochs and "
@@ -256,6 +265,12 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(decoder, optimizer)
         self.scheduler = scheduler
         self.accelerator.register_for_checkpointing(self.scheduler)
+        self.average = None
+        if config.ema_decay > 0:
+            trained = [p for p in self.accelerator.unwrap_model(self.model).parameters()
+                       if p.requires_grad]
+            self.average = WeightAverage(trained, config.ema_decay)
+            self.accelerator.register_for_checkpointing(self.average)
         self.state = TrainerState()
 
     def _per_epoch_factor(self, step: int) -> float:
@@ -339,9 +354,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _save_best(self) -> None:
+        """The weights validation judged (the moving average with ``ema_decay``) into
+        checkpoint/best."""
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(self.best_dir)
+            with self._judged_weights():
+                self.accelerator.unwrap_model(self.model).save_pretrained(self.best_dir)
         self.accelerator.wait_for_everyone()
+
+    def _judged_weights(self):
+        """A block in which the model holds the weights that are validated and kept: the
+        moving average with ``ema_decay``, else the trained weights (nothing to swap)."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
 
     def _resume(self) -> bool:
         state_file = self.last_dir / "trainer_state.json"
@@ -385,11 +408,13 @@ class Trainer:
         size = self.config.batch_size
         limit = len(self.val_data) if self.config.eval_batches is None else min(
             len(self.val_data), self.config.eval_batches * size)
-        for start in range(0, limit, size):
-            batch = self._to_device(self.val_data.batch(list(range(start, min(start + size, limit)))))
-            with self.accelerator.autocast():
-                summed, examples = self.objective.validation_loss(model, batch)
-            total, count = total + summed, count + examples
+        with self._judged_weights():
+            for start in range(0, limit, size):
+                indices = list(range(start, min(start + size, limit)))
+                batch = self._to_device(self.val_data.batch(indices))
+                with self.accelerator.autocast():
+                    summed, examples = self.objective.validation_loss(model, batch)
+                total, count = total + summed, count + examples
         model.train()
         return total / count
 
@@ -434,6 +459,8 @@ class Trainer:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
+                    if self.average is not None and self.accelerator.sync_gradients:
+                        self.average.update()
                     for name, value in parts.items():
                         running[name] = running.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
                     self.state.train_loss_sum += float(parts["loss"].detach()) / cfg.grad_accum
