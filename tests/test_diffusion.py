@@ -596,3 +596,28 @@ def test_learn_embeddings_trains_the_word_table_through_the_lm_head_only(tmp_pat
     rounded.train()
     rounded.loss(fixed_batch())["loss"].backward()
     assert rounded.word_embeddings.grad is not None and rounded.word_embeddings.grad.any()
+
+
+def test_neighbour_context_starts_as_identity_then_mixes_only_nearby_positions(tmp_path):
+    """Zero-initialised, the convolution leaves the denoiser's output unchanged and still gets a
+    gradient; once it has weights, a caption position's input carries only its +-w neighbours."""
+    plain = build_tiny(tmp_path, x1_loss=False).eval()
+    mixed = build_tiny(tmp_path, x1_loss=False, neighbour_context=1).eval()
+    missing, unexpected = mixed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("denoiser.neighbours.") for k in missing)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, plain.max_length, plain.denoiser.dim)  # (B, L, E)
+    t, image = torch.tensor([5, 40]), torch.randn(2, FEATURE_DIM)
+    torch.testing.assert_close(mixed.denoise(x_t, t, image), plain.denoise(x_t, t, image))
+    mixed.train()
+    mixed.loss(fixed_batch())["loss"].backward()
+    assert mixed.denoiser.neighbours.weight.grad.abs().sum() > 0
+    conv = mixed.denoiser.neighbours
+    with torch.no_grad():
+        conv.weight.normal_()
+        changed = x_t.clone()
+        changed[:, 5] += 1.0  # one position's input moves
+        delta = (conv(changed.transpose(1, 2)) - conv(x_t.transpose(1, 2))).abs().sum((0, 1))
+    assert delta[4:7].gt(0).all() and delta[:4].eq(0).all() and delta[7:].eq(0).all()
+    with pytest.raises(ValueError, match="neighbour_context"):
+        build_tiny(tmp_path, neighbour_context=-1)

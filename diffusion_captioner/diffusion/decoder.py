@@ -236,6 +236,9 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         learn_embeddings: train the word table (frozen by default, as in the paper) through the
             LM head's rounding loss only; inputs and restore targets read it detached, so the
             restore loss cannot pull words together (Diffusion-LM's collapse).
+        neighbour_context: w > 0 adds to each caption position's denoiser input a learnt
+            (zero-initialised) convolution of the 2w + 1 nearest positions' inputs
+            (:class:`~diffusion_captioner.diffusion.denoiser.Denoiser`); 0: off.
         mixed_noise: the fraction of training captions whose positions get their own noise
             levels: t per caption as usual, then each position, with a per-caption probability
             q ~ U(0, 1), a lower t': 0 (clean) or, for half of them, t' ~ U{0..t-1}. Teaches the
@@ -313,6 +316,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
         policy_steps: int = 5,
         reference_selection: float = 0.0,
         learn_embeddings: bool = False,
+        neighbour_context: int = 0,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -366,7 +370,7 @@ class DiffusionDecoder(SavesLanguageModel, CaptionDecoder):
             time_embedding=bool(time_embedding), self_conditioning=bool(self_conditioning),
             text_condition=bool(text_condition),
             zero_init=bool(lm_pretrained and body_pretrained), image_tokens=int(image_tokens),
-            projection=projection,
+            projection=projection, neighbour_context=int(neighbour_context),
         )
         if start_token and self.tokenizer.cls_token_id is None:
             raise ValueError(f"diffusion: start_token needs a tokenizer with a [CLS] token; "

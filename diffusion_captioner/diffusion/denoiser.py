@@ -4,13 +4,16 @@ Inputs at one timestep: x_t (B, L, E) noisy caption embeddings, t (B,), the imag
 z_img (B, D), optionally the caption's CLIP text feature z_txt (B, D) (classifier-free guidance)
 and the previous x_0 prediction (self-conditioning). The network computes::
 
-    h_0   = x_t + W_sc x0_prev + MLP_t(sinusoid(t))            (the last two optional)
+    h_0   = x_t + W_sc x0_prev + MLP_t(sinusoid(t)) + C * x_t  (the last three optional)
     add:    h = h_0 + MLP_img(z_img) + k * MLP_txt(z_txt)      (k = 0 when the text is dropped)
     concat: h = [h_0 ; MLP_img(z_img) ; MLP_txt(z_txt)] + segment   (text token masked when dropped)
     x0_hat = LN(GELU(W_v DistilBERT(h)[:L]))                   DistilBERT's own vocab_transform + LN
 
 so that for a pretrained DistilBERT the output already lives in its word-embedding space (E = its
-``dim``). The word embeddings and the LM head are not trained here: the decoder owns them frozen.
+``dim``). ``C * x_t`` (``neighbour_context`` w > 0) is a zero-initialised 1-D convolution over
+the caption positions, width 2w + 1: each position's input also carries its neighbours' words,
+so a masked position next to a committed "red" queries the image with "red" from the first
+layer on, the one-hop path an autoregressive decoder has at the word before. The word embeddings and the LM head are not trained here: the decoder owns them frozen.
 """
 
 from __future__ import annotations
@@ -173,6 +176,8 @@ class Denoiser(nn.Module):
         zero_init: start the timestep MLP's last layer at zero (for a pretrained body).
         image_tokens: k, CLIP image tokens in ``concat`` fusion (a k-token prefix, as ClipCap).
         projection: ``"mlp"`` or ``"linear"``, how CLIP features become tokens.
+        neighbour_context: w, add a zero-initialised convolution over the 2w + 1 nearest caption
+            inputs to each position's input (0: off).
     """
 
     def __init__(
@@ -187,6 +192,7 @@ class Denoiser(nn.Module):
         zero_init: bool = False,
         image_tokens: int = 1,
         projection: ProjectionName = "mlp",
+        neighbour_context: int = 0,
     ) -> None:
         super().__init__()
         self.mlm = mlm
@@ -202,6 +208,14 @@ class Denoiser(nn.Module):
             nn.init.zeros_(self.self_cond_proj.bias)
         else:
             self.self_cond_proj = None
+        if int(neighbour_context) < 0:
+            raise ValueError(f"neighbour_context must be >= 0, got {neighbour_context}")
+        self.neighbours = None
+        if neighbour_context:
+            width = int(neighbour_context)
+            self.neighbours = nn.Conv1d(dim, dim, 2 * width + 1, padding=width)
+            nn.init.zeros_(self.neighbours.weight)
+            nn.init.zeros_(self.neighbours.bias)
         if image_tokens < 1 or (fusion == "add" and image_tokens != 1):
             raise ValueError(f"image_tokens must be >= 1 (and 1 with add fusion), got {image_tokens}")
         self.fusion = build_fusion(fusion, dim, image_tokens)
@@ -239,6 +253,8 @@ class Denoiser(nn.Module):
         """
         batch, length, _ = x_t.shape
         h = x_t  # (B, L, D)
+        if self.neighbours is not None:
+            h = h + self.neighbours(x_t.transpose(1, 2)).transpose(1, 2)  # (B, L, D)
         if self.self_cond_proj is not None:  # no previous estimate: zeros (Chen et al. 2022),
             # so the layer is in every graph (DDP requires each parameter to get a gradient)
             previous = self_cond if self_cond is not None else torch.zeros_like(x_t)
