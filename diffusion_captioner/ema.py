@@ -64,6 +64,10 @@ class WeightAverage:
             raise ValueError(f"checkpoint's weight average holds {len(state['average'])} "
                              f"tensors, this model trains {len(self.average)}: it belongs to "
                              "another model; start a fresh run folder")
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        if float(state["decay"]) != self.decay:
+            raise ValueError(f"checkpoint's weight average was kept with ema_decay "
+                             f"{state['decay']}, this run asks for {self.decay}: resume with "
+                             "the same ema_decay or start a fresh run folder")
+        self.updates = int(state["updates"])
         for mine, saved in zip(self.average, state["average"], strict=True):
             mine.copy_(saved)

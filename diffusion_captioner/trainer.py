@@ -9,8 +9,10 @@ Layout under ``out``::
 
     train_log.jsonl        one JSON object per logged step / validation (also handed to the
                            experiment trackers of ``log_with``, at its step: tracking.py)
-    checkpoint/last/       accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
-    checkpoint/best/       the decoder's save_pretrained at the lowest validation loss
+    checkpoint/last/       accelerate state (model, optimizer, scheduler, RNG, the weight average
+                           with ``ema_decay``) + trainer_state.json
+    checkpoint/best/       the decoder's save_pretrained at the lowest validation loss (the
+                           weight average's, with ``ema_decay``)
 """
 
 from __future__ import annotations

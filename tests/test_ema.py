@@ -60,3 +60,15 @@ def test_best_checkpoint_holds_the_average_and_resume_continues_it(tokenizer_dir
     assert second.average.updates == 8
     for mine, theirs in zip(second.average.average, whole.average.average, strict=True):
         assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_resuming_with_another_decay_is_refused():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    saved = WeightAverage([weight], decay=0.9)
+    saved.update()
+    other = WeightAverage([weight], decay=0.99)
+    with pytest.raises(ValueError, match="ema_decay 0.9, this run asks for 0.99"):
+        other.load_state_dict(saved.state_dict())
+    same = WeightAverage([weight], decay=0.9)
+    same.load_state_dict(saved.state_dict())
+    assert same.updates == 1

@@ -13,7 +13,9 @@ so that for a pretrained DistilBERT the output already lives in its word-embeddi
 ``dim``). ``C * x_t`` (``neighbour_context`` w > 0) is a zero-initialised 1-D convolution over
 the caption positions, width 2w + 1: each position's input also carries its neighbours' words,
 so a masked position next to a committed "red" queries the image with "red" from the first
-layer on, the one-hop path an autoregressive decoder has at the word before. The word embeddings and the LM head are not trained here: the decoder owns them frozen.
+layer on, the one-hop path an autoregressive decoder has at the word before (measured on the
+embedded default: no gain, README). The word embeddings and the LM head are not trained here:
+the decoder owns them frozen.
 """
 
 from __future__ import annotations
