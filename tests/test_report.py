@@ -58,6 +58,7 @@ def test_markdown_report_answers_the_questions(tmp_path):
     config = {"command": "dcap compare", "dataset": {"type": "shapes"}}
     report = render_markdown(config, metrics)
     assert "**iterative** vs **clipcap**: CIDEr -0.300" in report and "significant" in report
+    assert "CIDEr -0.300 (0.903x)" in report  # 2.8 / 3.1, three decimals: not "0.90x"
     assert "batch-1 latency 4.0 ms vs 10.0 ms (0.40x)" in report
     assert "| clipcap |" in report and "| iterative |" in report
     assert "| iterative | 10 | 2.900 |" in report
