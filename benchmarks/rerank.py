@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def main(run: str) -> int:
-    import torch
+    from run_workspace import open_run
 
-    from diffusion_captioner.comparison import clipscore_prompt, prepare_features, rerank_phase
-    from diffusion_captioner.run_folder import RunFolder
-    from registry import build
+    from diffusion_captioner.comparison import clipscore_prompt, rerank_phase
 
-    folder = RunFolder(Path(run))
-    config = folder.read_config()
-    torch.set_num_threads(int(config.threads or 1))
-    encoder = build("encoder", config.encoder)
-    test = prepare_features(build("dataset", config.dataset), encoder, config.cache_dir,
-                            progress=False).splits["test"]
+    opened = open_run(run)
+    folder, config, encoder = opened.folder, opened.config, opened.encoder
+    test = opened.work.splits["test"]
     summaries = {name: folder.decoder(name).read_summary() for name in config.decoders}
     results = {name: folder.decoder(name).read_results() for name in config.decoders}
     rerank_phase(encoder, test, results, folder, summaries, clipscore_prompt(config.encoder))

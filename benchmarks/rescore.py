@@ -16,26 +16,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 
 def main(run: str, name: str, *option_sets: str) -> int:
-    import torch
+    from run_workspace import open_run
 
-    from diffusion_captioner.comparison import prepare_features
     from diffusion_captioner.inference import generate_captions, load_best
-    from diffusion_captioner.run_folder import RunFolder
     from eval.caption_stats import repeats_a_content_phrase, words
     from eval.groups import record_groups, score_groups
     from eval.metrics import score_captions
-    from registry import build
 
-    folder = RunFolder(Path(run))
-    config = folder.read_config()
-    torch.set_num_threads(int(config.threads or 1))
-    dataset = build("dataset", config.dataset)
-    test = prepare_features(dataset, build("encoder", config.encoder), config.cache_dir,
-                            progress=False).splits["test"]
+    opened = open_run(run)
+    folder, config, dataset = opened.folder, opened.config, opened.dataset
+    test = opened.work.splits["test"]
     references = {r.image_id: list(r.captions) for r in test.records}
     groups = record_groups(dataset, test.records)
     decoder = load_best(folder, name, config.decoders[name])

@@ -10,23 +10,16 @@ options (from ``<decoder>/summary.json``) on the cached test features, and compa
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def main(run: str = "runs/embedded-clipcap-diffusion-mnic-nearest") -> int:
-    import torch
+    from run_workspace import open_run
 
-    from diffusion_captioner.comparison import prepare_features
     from diffusion_captioner.inference import load_best
-    from diffusion_captioner.run_folder import RunFolder
-    from registry import build
 
-    folder = RunFolder(Path(run))
-    config = folder.read_config()
-    torch.set_num_threads(int(config.threads or 1))
-    dataset = build("dataset", config.dataset)
-    encoder = build("encoder", config.encoder)
-    test = prepare_features(dataset, encoder, config.cache_dir, progress=False).splits["test"]
+    opened = open_run(run)
+    folder, config = opened.folder, opened.config
+    test = opened.work.splits["test"]
     failed = False
     for name, plan in config.decoders.items():
         summary = folder.decoder(name).read_summary()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 SHAPE_WORDS = ("circle", "square", "triangle", "diamond", "cross")
 
@@ -113,19 +112,14 @@ def clipcap_readout(decoder, features, captions) -> dict[str, float]:
 
 def main(run: str) -> int:
     import torch
+    from run_workspace import open_run
 
-    from diffusion_captioner.comparison import prepare_features
     from diffusion_captioner.data.shapes import canonical_caption
     from diffusion_captioner.inference import load_best
-    from diffusion_captioner.run_folder import RunFolder
-    from registry import build
 
-    folder = RunFolder(Path(run))
-    config = folder.read_config()
-    torch.set_num_threads(int(config.threads or 1))
-    dataset = build("dataset", config.dataset)
-    test = prepare_features(dataset, build("encoder", config.encoder), config.cache_dir,
-                            progress=False).splits["test"]
+    opened = open_run(run)
+    folder, config, dataset = opened.folder, opened.config, opened.dataset
+    test = opened.work.splits["test"]
     two = [i for i, r in enumerate(test.records) if len(dataset.scene(r)["objects"]) == 2]
     captions = [canonical_caption(dataset.scene(test.records[i])) for i in two]
     features = test.features[two]  # (N, D)
